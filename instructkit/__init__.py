@@ -1,0 +1,3 @@
+"""instructkit: instruction tuning for causal language models."""
+
+__version__ = "0.1.0"
