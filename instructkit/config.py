@@ -1,0 +1,228 @@
+"""Typed run configuration: a YAML file plus dotted ``key=value`` overrides.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error that names
+it and suggests the closest valid key. Values are validated before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A problem in a run configuration, worded for the person who wrote it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to tune and how to load it."""
+
+    name_or_path: str = Field(..., description="Hugging Face folder or hub id of a causal LM.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto = bfloat16 on a GPU that supports it, else float32.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
+    gradient_checkpointing: bool = False
+    revision: str | None = None
+
+
+class LoraConfig(_Section):
+    """LoRA / QLoRA adapters through peft. Disabled unless ``enabled: true``."""
+
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names, e.g. [q_proj, v_proj].")
+    quantize_4bit: bool = Field(False, description="QLoRA: load the base in 4-bit NF4 (CUDA only).")
+    merge_on_save: bool = Field(False, description="Also write the merged model to final/merged.")
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how it becomes token batches."""
+
+    train: str | list[str] = Field(..., description="File(s) or save_to_disk folder(s).")
+    eval: str | list[str] | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0,
+                                 description="Hold out this fraction of train for eval when eval is unset.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "dolly", "prompt_completion",
+                    "preference", "hh_rlhf", "kto"] = "auto"
+    template: str = Field("auto", description="'auto' (tokenizer's own) or a built-in template name.")
+    add_special_tokens: bool = Field(False, description="Add a built-in template's tokens if missing.")
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    max_length: int = Field(512, gt=8)
+    truncation: Literal["error", "right"] = "error"
+    packing: bool = True
+    on_error: Literal["raise", "skip"] = "raise"
+    shuffle: bool = True
+
+
+class TrainConfig(_Section):
+    """Optimisation settings shared by every method."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(8, gt=0, description="Rows (packed) or examples (padded) per micro-batch.")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    resume: bool = False
+    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast; auto = on for CUDA.")
+    progress: bool = True
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "instructkit"
+
+
+class RunConfig(_Section):
+    """A whole run. ``method`` picks the recipe in ``instructkit.methods``."""
+
+    method: Literal["sft"] = "sft"
+    seed: int = 0
+    output_dir: str = "runs/run"
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output_dir must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "RunConfig":
+        if self.lora.quantize_4bit and not self.lora.enabled:
+            raise ValueError("lora.quantize_4bit needs lora.enabled: true (QLoRA trains adapters)")
+        return self
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The config class that owns a location such as ('train', 'lr')."""
+    cur: type[BaseModel] = RunConfig
+    for part in path[:-1]:
+        if isinstance(part, int):
+            continue
+        ann = cur.model_fields.get(str(part))
+        nxt = SECTIONS.get(str(part)) if ann is not None else None
+        if nxt is None:
+            return None
+        cur = nxt
+    return cur
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = _valid_keys(owner) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+            lines.append(f"  unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"  missing required key '{key}'")
+        else:
+            lines.append(f"  '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML so numbers, booleans and lists work."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not key=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        cur = raw
+        for k in keys[:-1]:
+            nxt = cur.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{k}' is a value, not a section")
+            cur = nxt
+        cur[keys[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict | None = None) -> RunConfig:
+    """Read a YAML config (safe loader), apply overrides and validate.
+
+    Args:
+        path: YAML file; may be None when ``raw`` is given.
+        overrides: Dotted ``key=value`` strings applied after reading the file.
+        raw: A config dict to start from instead of a file.
+
+    Raises:
+        ConfigError: Naming the file, the key and the fix (closest valid key for typos).
+    """
+    source = str(path) if path else "<config>"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+    raw = apply_overrides(dict(raw or {}), overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (what actually ran) as YAML."""
+    data = cfg.model_dump(mode="json")
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

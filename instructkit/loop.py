@@ -1,0 +1,485 @@
+"""THE training loop, shared by every method.
+
+A method hands the loop three things: the model, a deterministic source of micro-batches per epoch,
+and a ``loss_fn(model, batch) -> StepOutput`` that returns a *summed* loss and its number of target
+tokens. The loop owns everything else: AdamW, the LR schedule, gradient accumulation normalised by
+the global target-token count, clipping, autocast, evaluation, logging, atomic checkpoints, exact
+resume, signals and NaN detection. ``backward()`` is called in exactly one place: here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instructkit.config import TrainConfig
+
+CKPT_PREFIX = "step-"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, unusable checkpoint, ...)."""
+
+
+@dataclass
+class StepOutput:
+    """What a method's loss function returns for one micro-batch.
+
+    Attributes:
+        loss_sum: Scalar tensor, the loss summed over target units (tokens for SFT).
+        n_targets: Number of target units in this micro-batch (used for normalisation).
+        metrics: Extra scalar metrics to average over the step, weighted by n_targets.
+    """
+
+    loss_sum: torch.Tensor
+    n_targets: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoopResult:
+    global_step: int
+    status: str  # "completed" | "interrupted"
+    last_checkpoint: Path | None
+    final_metrics: dict[str, Any]
+
+
+BatchSource = Callable[[int], Sequence[dict]]
+"""Maps an epoch number to that epoch's micro-batches, always the same list for the same epoch."""
+
+
+def count_targets(batch: dict) -> int:
+    """Target tokens in a causal-LM batch: labels that are not -100, after the one-token shift."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=True batches the per-parameter updates into few kernels, a large win for the many
+    # small tensors of LoRA and tiny models on CPU.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Warmup then linear or cosine decay to ``min_lr_ratio`` of the peak, as a multiplier."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+
+    def fn(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.schedule == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+    return fn
+
+
+def plan_steps(cfg: TrainConfig, micro_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for this config and data size."""
+    if micro_per_epoch <= 0:
+        raise TrainingError("no training batches: the training data is empty after filtering")
+    per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total = max(1, math.ceil(per_epoch * cfg.epochs))
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    return per_epoch, total
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: a temporary folder renamed into place, so a kill mid-write never leaves a
+# half-written checkpoint that resume would pick up.
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
+                    state: dict, keep_last: int) -> Path:
+    from safetensors.torch import save_file
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{CKPT_PREFIX}{step:08d}"
+    tmp = ckpt_root / f".tmp-{CKPT_PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               tmp / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.exists():
+        return []
+    found = [p for p in ckpt_root.iterdir()
+             if p.is_dir() and p.name.startswith(CKPT_PREFIX) and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unexpected = [n for n in weights if n not in params]
+    if missing or unexpected:
+        raise TrainingError(
+            f"checkpoint {path} does not match this model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); it was written by a different model or LoRA setting. Start a new "
+            f"output_dir or set train.resume: false")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to ``metrics.jsonl`` (plus TensorBoard / W&B if asked)."""
+
+    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = False,
+                 wandb_project: str | None = None, run_config: dict | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            # Drop lines written after the checkpoint we resume from, so the file reads as if the
+            # run had never been interrupted.
+            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        elif resume_step is None and path.exists():
+            path.unlink()
+        self.tb = None
+        self.wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                print("warning: logging.tensorboard is on but tensorboard is not installed "
+                      "(pip install tensorboard); continuing without it", file=sys.stderr)
+        if wandb_project:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=wandb_project, config=run_config or {})
+            except ImportError:
+                print("warning: logging.wandb is on but wandb is not installed; continuing "
+                      "without it", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Progress:
+    """A live bar with ETA in a terminal; periodic plain lines when output is piped."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.start = start
+        self._bar = None
+        if self.tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+            self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), transient=False)
+            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, step: int, info: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+            return
+        every = max(1, self.total // 20)
+        if step % every == 0 or step == self.total:
+            done = step - self.start
+            rate = done / max(1e-9, time.perf_counter() - self.t0)
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            print(f"step {step}/{self.total} {info} eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and exits."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a "
+              f"checkpoint (send again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _global_sum(value: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        dist.all_reduce(t)
+        return int(t.item())
+    return value
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_loop(
+    *,
+    model: torch.nn.Module,
+    batches: BatchSource,
+    micro_per_epoch: int,
+    loss_fn: Callable[[torch.nn.Module, dict], StepOutput],
+    cfg: TrainConfig,
+    out_dir: Path,
+    eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    count_fn: Callable[[dict], int] = count_targets,
+    device: torch.device | None = None,
+    run_config: dict | None = None,
+    logging_cfg: Any = None,
+) -> LoopResult:
+    """Run optimisation to the end (or to a signal), with exact resume from ``out_dir/checkpoints``.
+
+    Args:
+        model: Module with trainable parameters (full model or peft-wrapped).
+        batches: ``epoch -> micro-batches``; must return the same list for the same epoch, which is
+            what makes resume exact.
+        micro_per_epoch: ``len(batches(e))`` (equal for every epoch).
+        loss_fn: ``(model, micro_batch) -> StepOutput`` with a summed loss.
+        cfg: The ``train`` section.
+        out_dir: Run folder; ``metrics.jsonl`` and ``checkpoints/`` are written here.
+        eval_fn: Optional ``model -> {"eval_loss": ...}``, called every ``cfg.eval_every`` steps and
+            at the end.
+        count_fn: Counts target units of a micro-batch before the forward pass, so every
+            micro-batch is scaled by the global count of the whole optimizer step.
+        device: Where to run; batches are moved there.
+        run_config: Resolved config, passed to W&B.
+        logging_cfg: The ``logging`` section (TensorBoard / W&B switches).
+
+    Returns:
+        A LoopResult. ``status == "interrupted"`` when a signal stopped the run after saving.
+
+    Raises:
+        TrainingError: On a non-finite loss (naming the step and the last checkpoint).
+    """
+    device = device or next(model.parameters()).device
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    per_epoch, total_steps = plan_steps(cfg, micro_per_epoch)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+    state = {"global_step": 0, "epoch": 0, "group_in_epoch": 0, "tokens_seen": 0,
+             "total_steps": total_steps}
+    resume_step = None
+    last_ckpt: Path | None = None
+    if cfg.resume:
+        existing = list_checkpoints(ckpt_root)
+        if existing:
+            last_ckpt = existing[-1]
+            loaded = load_checkpoint(last_ckpt, model, optimizer, scheduler)
+            state.update(loaded)
+            resume_step = state["global_step"]
+            print(f"resuming from {last_ckpt} (step {resume_step})", file=sys.stderr)
+        else:
+            print(f"train.resume is on but {ckpt_root} has no checkpoint; starting from step 0",
+                  file=sys.stderr)
+    else:
+        existing = list_checkpoints(ckpt_root)
+        if existing:
+            # Old checkpoints from a previous run would otherwise be mixed with this one's.
+            for p in existing:
+                shutil.rmtree(p)
+
+    lc = logging_cfg
+    logger = MetricsLogger(out_dir / "metrics.jsonl", resume_step,
+                           tensorboard=bool(lc and lc.tensorboard),
+                           wandb_project=(lc.wandb_project if lc and lc.wandb else None),
+                           run_config=run_config)
+    use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and device.type == "cuda"
+                                    and torch.cuda.is_bf16_supported())
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 \
+        else nullcontext
+    progress = Progress(total_steps, state["global_step"], cfg.progress)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    status = "completed"
+    last_metrics: dict[str, Any] = {}
+
+    def checkpoint() -> Path:
+        return save_checkpoint(ckpt_root, state["global_step"], model, optimizer, scheduler,
+                               dict(state), cfg.keep_last)
+
+    try:
+        with _StopFlag() as stop:
+            step_t0 = time.perf_counter()
+            while state["global_step"] < total_steps:
+                epoch = state["epoch"]
+                micro = batches(epoch)
+                groups = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+                for gi in range(state["group_in_epoch"], len(groups)):
+                    if state["global_step"] >= total_steps:
+                        break
+                    group = groups[gi]
+                    # Normalising every micro-batch by the step's global target count makes
+                    # accumulation over k micro-batches identical to one batch k times larger.
+                    n_global = _global_sum(sum(count_fn(b) for b in group), device)
+                    loss_total, metric_sums = 0.0, {}
+                    for b in group:
+                        b = _to_device(b, device)
+                        with autocast():
+                            out = loss_fn(model, b)
+                        (out.loss_sum / max(1, n_global)).backward()
+                        loss_total += float(out.loss_sum.detach())
+                        for k, v in out.metrics.items():
+                            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * out.n_targets
+                    loss = loss_total / max(1, n_global)
+                    step_no = state["global_step"] + 1
+                    if not math.isfinite(loss):
+                        optimizer.zero_grad(set_to_none=True)
+                        where = f"last checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint yet"
+                        raise TrainingError(
+                            f"loss is {loss} at step {step_no} (epoch {epoch}); the weights were "
+                            f"not updated. {where}. Lower train.lr, check the data, or enable "
+                            f"train.max_grad_norm, then resume with --resume")
+                    if cfg.max_grad_norm is not None:
+                        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                    else:
+                        gnorm = float(torch.linalg.vector_norm(
+                            torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                    state["global_step"] = step_no
+                    state["group_in_epoch"] = gi + 1
+                    state["tokens_seen"] += n_global
+                    now = time.perf_counter()
+                    record = {"step": step_no, "epoch": round(epoch + (gi + 1) / len(groups), 4),
+                              "loss": loss, "lr": lr, "grad_norm": gnorm,
+                              "target_tokens_per_s": n_global / max(1e-9, now - step_t0),
+                              "tokens_seen": state["tokens_seen"]}
+                    for k, v in metric_sums.items():
+                        record[k] = v / max(1, n_global)
+                    if eval_fn is not None and cfg.eval_every and step_no % cfg.eval_every == 0:
+                        record.update(eval_fn(model))
+                        model.train()
+                    if step_no % cfg.log_every == 0 or step_no == total_steps:
+                        logger.log(record)
+                    last_metrics = record
+                    progress.update(step_no, f"loss {loss:.4f} lr {lr:.2e}")
+                    if cfg.save_every and step_no % cfg.save_every == 0:
+                        last_ckpt = checkpoint()
+                    if stop.signum is not None:
+                        if last_ckpt is None or not last_ckpt.name.endswith(f"{step_no:08d}"):
+                            last_ckpt = checkpoint()
+                        status = "interrupted"
+                        break
+                    step_t0 = time.perf_counter()
+                if status == "interrupted":
+                    break
+                if state["group_in_epoch"] >= len(groups):
+                    state["epoch"] += 1
+                    state["group_in_epoch"] = 0
+            if status == "completed" and eval_fn is not None and not (
+                    cfg.eval_every and state["global_step"] % cfg.eval_every == 0):
+                final_eval = eval_fn(model)
+                last_metrics = {**last_metrics, **final_eval}
+                logger.log({"step": state["global_step"], **final_eval})
+    finally:
+        progress.close()
+        logger.close()
+    return LoopResult(state["global_step"], status, last_ckpt, last_metrics)

@@ -1,0 +1,107 @@
+"""Supervised fine-tuning (full or LoRA/QLoRA), read top to bottom.
+
+setup: seed, tokenizer and template, data (validated, encoded, packed), model
+train: the shared loop with a token-level NLL on assistant tokens
+save:  final/ as a Hugging Face model or peft adapter folder with the training chat template
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from instructkit.config import RunConfig, dump_config
+from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
+from instructkit.loop import LoopResult, StepOutput, count_targets, train_loop
+from instructkit.losses import token_nll_sum
+from instructkit.models import (count_trainable, load_model, load_tokenizer, pick_device, save_final,
+                                target_logits)
+
+
+def sft_step(model, batch: dict) -> StepOutput:
+    """Summed NLL over the target (assistant) tokens of one micro-batch."""
+    logits, targets = target_logits(model, batch)
+    return StepOutput(token_nll_sum(logits, targets), int(targets.numel()))
+
+
+def make_eval_fn(batches: list[dict], device: torch.device):
+    """Token-weighted mean NLL over held-out micro-batches."""
+
+    @torch.no_grad()
+    def evaluate(model) -> dict[str, float]:
+        model.eval()
+        total, n = 0.0, 0
+        for b in batches:
+            b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+            out = sft_step(model, b)
+            total += float(out.loss_sum)
+            n += out.n_targets
+        return {"eval_loss": total / max(1, n)}
+
+    return evaluate
+
+
+def main(cfg: RunConfig) -> LoopResult:
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = pick_device()
+
+    # --- setup: tokenizer, template, data. Data problems surface before the model is loaded.
+    tokenizer = load_tokenizer(cfg.model)
+    template, n_added = prepare_template(tokenizer, cfg.data)
+    data = load_sft_data(cfg.data, tokenizer, template, cfg.seed)
+    data.report.save(out_dir / "skipped.json")
+    if len(data.report):
+        print(data.report.summary(), file=sys.stderr)
+    plan = plan_batches(data.train, packing=cfg.data.packing, micro_batch_size=cfg.train.micro_batch_size,
+                        max_length=cfg.data.max_length, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
+                        shuffle=cfg.data.shuffle)
+    eval_batches = plan_batches(data.eval, packing=cfg.data.packing,
+                                micro_batch_size=cfg.train.micro_batch_size, max_length=cfg.data.max_length,
+                                pad_id=tokenizer.pad_token_id, seed=cfg.seed, shuffle=False).source(0) \
+        if data.eval else []
+    n_targets = sum(e.n_targets for e in data.train)
+    eff = f", packing efficiency {plan.packing_efficiency:.1%}" if plan.packing_efficiency else ""
+    print(f"data: {len(data.train)} train / {len(data.eval)} eval examples, {n_targets} target tokens, "
+          f"{plan.n_rows} rows{eff}, {data.n_truncated} truncated, {len(data.report)} skipped",
+          file=sys.stderr)
+
+    model = load_model(cfg.model, cfg.lora, device, n_tokens=len(tokenizer) if n_added else None)
+    trainable, total = count_trainable(model)
+    print(f"model: {cfg.model.name_or_path} on {device}, {trainable:,} of {total:,} parameters "
+          f"trainable{' (LoRA)' if cfg.lora.enabled else ''}", file=sys.stderr)
+    dump_config(cfg, out_dir / "config.yaml")
+
+    # --- train: the shared loop
+    t0 = time.perf_counter()
+    result = train_loop(model=model, batches=plan.source, micro_per_epoch=plan.micro_per_epoch,
+                        loss_fn=sft_step, cfg=cfg.train, out_dir=out_dir,
+                        eval_fn=make_eval_fn(eval_batches, device) if eval_batches else None,
+                        count_fn=count_targets, device=device, run_config=cfg.model_dump(mode="json"),
+                        logging_cfg=cfg.logging)
+    elapsed = time.perf_counter() - t0
+
+    # --- save
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.global_step}; checkpoint {result.last_checkpoint}. "
+              f"Resume with: instructkit train {out_dir / 'config.yaml'} --resume", file=sys.stderr)
+        return result
+    info = {"method": "sft", "base_model": cfg.model.name_or_path, "lora": cfg.lora.enabled,
+            "steps": result.global_step, "train_examples": len(data.train),
+            "skipped": len(data.report), "seconds": round(elapsed, 2),
+            "final_metrics": result.final_metrics}
+    final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
+    (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    loss = result.final_metrics.get("loss")
+    print(f"done: {result.global_step} steps in {elapsed:.1f}s, final loss "
+          f"{loss:.4f}" + (f", eval loss {result.final_metrics['eval_loss']:.4f}"
+                           if "eval_loss" in result.final_metrics else "") + f"; saved {final}",
+          file=sys.stderr)
+    return result

@@ -1,0 +1,185 @@
+"""Load and save Hugging Face causal LMs and tokenizers; LoRA/QLoRA via peft; the target forward.
+
+``trust_remote_code`` is off unless the config turns it on, weights are written as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from instructkit.config import LoraConfig, ModelConfig
+
+
+class ModelError(RuntimeError):
+    """The model cannot be loaded or configured as asked."""
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' means bf16 on a GPU that supports it and fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                            revision=cfg.revision)
+    except OSError as e:
+        raise ModelError(f"cannot load a tokenizer from '{cfg.name_or_path}': {e}. Check "
+                         f"model.name_or_path (a local folder, or a hub id with network access); "
+                         f"`instructkit tiny-model --out DIR` builds a local test model") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"the tokenizer of '{cfg.name_or_path}' is not a fast tokenizer; loss masks "
+                         f"need token offsets. Install `tokenizers` and use a model with tokenizer.json")
+    if tok.pad_token is None:
+        # A separate pad id is not required: padding is identified by masks, never by comparing ids.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_tokens: int | None = None):
+    """Load the causal LM (dequantised or 4-bit for QLoRA), optionally wrap it with LoRA adapters.
+
+    Args:
+        cfg: The ``model`` section.
+        lora: The ``lora`` section.
+        device: Target device.
+        n_tokens: If given and larger than the embedding table (tokens added for a template),
+            the embeddings are resized.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                  attn_implementation=cfg.attn_implementation)
+    if lora.quantize_4bit:
+        if device.type != "cuda":
+            raise ModelError("lora.quantize_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; this "
+                             "machine has none. Set lora.quantize_4bit: false to train LoRA in "
+                             "full precision on CPU")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelError("QLoRA needs bitsandbytes: pip install 'instructkit[qlora]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a causal LM from '{cfg.name_or_path}': {e}") from None
+    if n_tokens is not None and n_tokens > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(n_tokens)
+    if not lora.quantize_4bit:
+        model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora.enabled:
+        model = apply_lora(model, lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    return model
+
+
+def apply_lora(model, lora: LoraConfig, gradient_checkpointing: bool = False):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if lora.quantize_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        # With frozen embeddings no input requires grad, and checkpointed blocks would then
+        # produce no gradient for the adapters.
+        model.enable_input_require_grads()
+    targets = lora.target_modules
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ModelError(f"lora.target_modules={targets!r} does not fit this model: {e}. Use "
+                         f"'all-linear' or names of its linear layers (e.g. q_proj, v_proj)") from None
+
+
+def count_trainable(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _decoder_and_head(model):
+    """The transformer body and the output projection, looking through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base, base.get_decoder(), base.get_output_embeddings()
+
+
+def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at target positions only, and their target ids.
+
+    The output projection (hidden x vocab) is the most expensive matmul of a small model; running it
+    only where a label exists skips prompt and padding positions entirely.
+
+    Args:
+        model: A causal LM (optionally peft-wrapped; adapters are live inside the base modules).
+        batch: ``input_ids``, ``labels`` (-100 = ignore), optional ``attention_mask``
+            (2D padding mask or 4D boolean block mask) and ``position_ids``.
+
+    Returns:
+        ``(logits, targets)``: (N, V) logits predicting each of the N target tokens, and (N,) ids.
+    """
+    base, decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    labels = batch["labels"]
+    select = labels[:, 1:] != -100  # position t predicts token t+1
+    h = hidden[:, :-1][select]
+    logits = head(h)
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits, labels[:, 1:][select]
+
+
+def save_final(model, tokenizer, out: Path, lora: LoraConfig, extra_info: dict | None = None) -> Path:
+    """Write ``out`` as a Hugging Face folder (full model) or a peft adapter folder (LoRA).
+
+    The tokenizer is saved alongside with the chat template used in training, so inference renders
+    prompts exactly as training did. With ``lora.merge_on_save`` the merged model is also written to
+    ``out/merged``.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if lora.enabled and lora.merge_on_save:
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
+    if extra_info:
+        (tmp / "instructkit.json").write_text(json.dumps(extra_info, indent=2), encoding="utf-8")
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
