@@ -228,7 +228,7 @@ def cmd_demo(args) -> int:
             "method": "sft", "output_dir": str(work / f"sft-{name}"),
             "model": {"name_or_path": str(model_dir)},
             "data": {"train": str(work / "data/train.jsonl"), "eval": str(work / "data/eval.jsonl"),
-                     "max_length": 256},
+                     "max_length": 512},
             "train": {"epochs": 1, "micro_batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.05,
                       "eval_every": 50},
         }, overrides=extra)

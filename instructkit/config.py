@@ -6,6 +6,7 @@ it and suggests the closest valid key. Values are validated before any model is 
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -215,7 +216,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
-    raw = apply_overrides(dict(raw or {}), overrides or [])
+    # Deep copy: overrides must never leak into the caller's dict (or a cached default).
+    raw = apply_overrides(copy.deepcopy(raw or {}), overrides or [])
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -32,11 +32,11 @@ def _task(rng: random.Random) -> tuple[str, str]:
         words = [rng.choice(_NOUNS) for _ in range(rng.randint(2, 10))]
         return (f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words)))
     if kind == 4:
-        words = [rng.choice(_NOUNS) for _ in range(rng.randint(3, 30))]
+        words = [rng.choice(_NOUNS) for _ in range(rng.randint(3, 20))]
         target = rng.choice(words)
         return (f"How many times does the word '{target}' appear in: {' '.join(words)}?",
                 f"The word '{target}' appears {words.count(target)} times.")
-    n = rng.randint(3, 25)
+    n = rng.randint(3, 12)
     items = [rng.choice(_NOUNS) for _ in range(n)]
     return (f"Make a bulleted list of these {n} items: {', '.join(items)}",
             "\n".join(f"- {w}" for w in items))
