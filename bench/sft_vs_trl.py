@@ -256,7 +256,7 @@ def main() -> None:
              f"1 epoch, AdamW lr {a.lr} constant, clip 1.0, fp32. Packed modes: {a.batch} rows x "
              f"{a.max_length} per step; TRL padded: {padded_batch} examples per step (same step count).",
              f"- Median of {a.runs} runs each, all modes in the same invocation.", "",
-             "| mode | target tok/s | ratio vs instructkit | peak RSS (MB) | held-out NLL after 1 epoch | steps | MFU |",
+             "| mode | target tok/s | instructkit speed-up over this mode | peak RSS (MB) | held-out NLL after 1 epoch | steps | MFU |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     ik = summary.get("instructkit")
     for mode, s in summary.items():

@@ -21,10 +21,11 @@ METHODS = {"sft": "instructkit.methods.sft"}
 def _user_errors() -> tuple[type[BaseException], ...]:
     from instructkit.config import ConfigError
     from instructkit.data.errors import DataError
+    from instructkit.data.templates import TemplateError
     from instructkit.loop import TrainingError
     from instructkit.models import ModelError
 
-    return (ConfigError, DataError, ModelError, TrainingError)
+    return (ConfigError, DataError, ModelError, TemplateError, TrainingError)
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -186,6 +186,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
 # Logging
 
 
+def _step_of(line: str) -> int | None:
+    """Step of a metrics line; None for a line cut short by a hard kill mid-write."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
 class MetricsLogger:
     """Appends one JSON object per line to ``metrics.jsonl`` (plus TensorBoard / W&B if asked)."""
 
@@ -197,7 +205,7 @@ class MetricsLogger:
             # Drop lines written after the checkpoint we resume from, so the file reads as if the
             # run had never been interrupted.
             kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                    if _step_of(ln) is not None and _step_of(ln) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         elif resume_step is None and path.exists():
             path.unlink()

@@ -141,7 +141,12 @@ def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ``(logits, targets)``: (N, V) logits predicting each of the N target tokens, and (N,) ids.
     """
     base, decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and "flash" in str(getattr(base.config, "_attn_implementation", "")):
+        # FlashAttention kernels take no dense mask: transformers derives varlen boundaries from
+        # position ids restarting at 0, which is exactly how packed rows are laid out.
+        mask = None
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     labels = batch["labels"]
     select = labels[:, 1:] != -100  # position t predicts token t+1

@@ -85,3 +85,16 @@ def test_shipped_configs_validate():
     assert len(files) >= 4
     for f in files:
         load_config(f)
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+
+    from instructkit.config import SECTIONS, RunConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in RunConfig.model_fields:
+        assert f"`{key}`" in readme, key
+    for section, model in SECTIONS.items():
+        for key in model.model_fields:
+            assert f"`{key}`" in readme, f"{section}.{key} is not documented in README.md"

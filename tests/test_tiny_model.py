@@ -1,0 +1,37 @@
+"""Tiny models: presets span ~1M to ~30M parameters, load offline, render ChatML."""
+
+import pytest
+from transformers import AutoConfig
+
+from instructkit.tiny_model import PRESETS, build_tiny_model
+
+
+def _params(cfg) -> int:
+    h, i, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    return v * h + n * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_span_1m_to_30m(tmp_path, preset):
+    d = build_tiny_model(tmp_path / preset, preset=preset)
+    cfg = AutoConfig.from_pretrained(d)
+    assert cfg.model_type == "llama"
+    n = _params(cfg)
+    assert 0.8e6 <= n <= 32e6, n
+
+
+def test_tokenizer_roundtrip_and_template(tiny_tokenizer):
+    text = "Sort 10, 2 and 33 -> café ✓ {\"k\": 1}"
+    assert tiny_tokenizer.decode(tiny_tokenizer(text)["input_ids"]) == text
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+    out = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # Digits are split one by one, so arithmetic sees one token per digit.
+    assert len(tiny_tokenizer("12345", add_special_tokens=False)["input_ids"]) == 5
+
+
+def test_unknown_preset(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_tiny_model(tmp_path, preset="huge")
