@@ -130,6 +130,29 @@ SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
+# Names people bring from transformers/TRL/Axolotl, mapped to ours; string similarity misses these.
+KNOWN_SYNONYMS = {
+    "learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size", "batch_size": "micro_batch_size",
+    "micro_batch": "micro_batch_size", "max_seq_length": "max_length", "max_seq_len": "max_length",
+    "sequence_len": "max_length", "seq_len": "max_length", "lora_r": "r", "rank": "r",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "model_name_or_path": "name_or_path",
+    "model_name": "name_or_path", "path": "name_or_path", "warmup": "warmup_steps",
+    "logging_steps": "log_every", "save_steps": "save_every", "eval_steps": "eval_every",
+    "save_total_limit": "keep_last", "lr_scheduler_type": "schedule", "torch_dtype": "dtype",
+    "resume_from_checkpoint": "resume", "dataset": "train", "train_file": "train",
+    "chat_template": "template", "adam_epsilon": "eps",
+}
+
+
+def _suggest(key: str, valid: list[str]) -> str | None:
+    alias = KNOWN_SYNONYMS.get(key)
+    if alias in valid:
+        return alias
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _valid_keys(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
@@ -156,8 +179,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc)
             valid = _valid_keys(owner) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+            close = _suggest(str(loc[-1]), valid)
+            hint = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (close,))}'?" if close else ""
             lines.append(f"  unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"  missing required key '{key}'")

@@ -155,7 +155,7 @@ def test_validate_reports_ok_and_errors(tmp_path, tiny_model_dir, toy):
     assert p.returncode == 2
     assert f"{bad}:2" in p.stderr and "assistant" in p.stderr and "Fix:" in p.stderr
     p = cli("validate", cfg, f"data.train={bad}", "data.on_error=skip", check=False)
-    assert "2 of 4 records skipped" in p.stdout and "bad.jsonl:2" in p.stdout and "bad.jsonl:4" in p.stdout
+    assert "2 of 28 records skipped" in p.stdout and "bad.jsonl:2" in p.stdout and "bad.jsonl:4" in p.stdout
 
 
 def test_train_with_skip_writes_skipped_json(tmp_path, tiny_model_dir, toy):
@@ -166,7 +166,7 @@ def test_train_with_skip_writes_skipped_json(tmp_path, tiny_model_dir, toy):
     cfg = write_cfg(tmp_path / "c.yaml", tiny_model_dir, toy, tmp_path / "run",
                     data={"train": str(bad), "on_error": "skip"})
     p = cli("train", cfg, "train.max_steps=2")
-    assert "1 of 21 records skipped" in p.stderr
+    assert "1 of 45 records skipped" in p.stderr  # 21 train lines + 24 eval records
     rep = json.loads((tmp_path / "run/skipped.json").read_text())
     assert rep["skipped"] == 1 and rep["records"][0]["line"] == 6 and rep["by_reason"] == {"invalid_json": 1}
 

@@ -36,6 +36,13 @@ def test_misspelt_section_and_override():
         load_config(raw=dict(BASE), overrides=["data.max_len=10"])
 
 
+def test_names_from_other_tools_get_suggestions():
+    with pytest.raises(ConfigError, match=r"Did you mean 'train.grad_accum'"):
+        load_config(raw=dict(BASE), overrides=["train.gradient_accumulation_steps=4"])
+    with pytest.raises(ConfigError, match=r"Did you mean 'data.max_length'"):
+        load_config(raw=dict(BASE), overrides=["data.max_seq_length=4"])
+
+
 def test_type_and_range_errors():
     with pytest.raises(ConfigError, match=r"'train.lr'"):
         load_config(raw=dict(BASE), overrides=["train.lr=-1"])
@@ -94,7 +101,7 @@ def test_readme_documents_every_config_key():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for key in RunConfig.model_fields:
-        assert f"`{key}`" in readme, key
+        assert f"`{key}`" in readme or f"**{key}**" in readme, key
     for section, model in SECTIONS.items():
         for key in model.model_fields:
             assert f"`{key}`" in readme, f"{section}.{key} is not documented in README.md"
