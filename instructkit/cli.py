@@ -15,7 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = {"sft": "instructkit.methods.sft"}
+METHODS = {"sft": "instructkit.methods.sft", "pretrain": "instructkit.methods.pretrain"}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -206,6 +206,17 @@ def cmd_synth_toy(args) -> int:
     return 0
 
 
+def cmd_synth_skills(args) -> int:
+    from instructkit.synth.skills import write_skills
+
+    out = write_skills(args.out, seed=args.seed, n_train=args.n_train, n_corpus=args.n_corpus)
+    manifest = json.loads((Path(args.out) / "manifest.json").read_text())
+    counts = manifest["sizes"]
+    print(f"wrote the skills suite to {out or args.out}: {json.dumps(counts)}")
+    print(f"held-out families: {', '.join(manifest.get('heldout_families', []))}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Interim demo: tiny model + toy conversations + SFT (full and LoRA), end to end."""
     from instructkit.config import load_config
@@ -244,6 +255,70 @@ def cmd_demo(args) -> int:
           "so it learns much less here. LoRA is meant for pretrained bases, where it matches full\n"
           "fine-tuning far more closely.")
     print(f"\nruns written under {work}/ (metrics.jsonl, checkpoints/, final/)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def load_for_inference(model_dir: str, adapter: str | None = None, template: str | None = None):
+    """Model (+ optional LoRA adapter) and tokenizer for evaluation or chat, on the best device."""
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.config import ModelConfig
+    from instructkit.data.templates import resolve_template
+    from instructkit.models import load_tokenizer, pick_device
+
+    device = pick_device()
+    source = adapter or model_dir
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=source))
+    if template:
+        tokenizer.chat_template = resolve_template(tokenizer, template)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(device)).to(device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def torch_dtype(device):
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def cmd_eval(args) -> int:
+    from instructkit.evaluate.skills import SPLITS, check_chat_template, evaluate_skills, write_eval
+
+    if args.suite != "skills":
+        raise SystemExit(f"unknown suite '{args.suite}'; available: skills")
+    for split in (args.splits.split(",") if args.splits else SPLITS):
+        if not (Path(args.data) / f"{split}.jsonl").exists():
+            from instructkit.data.errors import DataError
+
+            raise DataError(Path(args.data) / f"{split}.jsonl", None, None,
+                            f"the skills data has no '{split}' split",
+                            f"generate it with `instructkit synth skills --out {args.data}`",
+                            reason="missing_file")
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.template)
+    check_chat_template(tokenizer, args.adapter or args.model)
+    corpus = None
+    if args.corpus:
+        corpus = [x for x in Path(args.corpus).read_text(encoding="utf-8").splitlines() if x.strip()]
+    splits = tuple(args.splits.split(",")) if args.splits else SPLITS
+    print(f"evaluating {args.adapter or args.model} on {args.data}", file=sys.stderr)
+    metrics, samples = evaluate_skills(model, tokenizer, args.data, splits=splits, limit=args.limit,
+                                       max_new_tokens=args.max_new_tokens, corpus_lines=corpus)
+    write_eval(args.out, metrics, samples)
+    print(f"{'split':18s} {'accuracy':>9s} {'exact':>7s} {'stops':>7s} {'loss':>7s}")
+    for split, m in metrics["splits"].items():
+        print(f"{split:18s} {m['accuracy']:9.1%} {m['exact_match']:7.1%} {m['stop_rate']:7.1%} "
+              f"{m['heldout_loss']:7.3f}")
+    if "corpus_nll" in metrics:
+        print(f"corpus NLL (forgetting probe): {metrics['corpus_nll']:.4f}")
+    print(f"wrote {args.out}/eval.json and samples.jsonl")
     return 0
 
 
@@ -297,6 +372,26 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--n-eval", type=int, default=200)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=cmd_synth_toy)
+
+    ev = sub.add_parser("eval", help="evaluate a model on a suite (skills)")
+    ev.add_argument("--model", required=True, help="model folder (base model when --adapter is given)")
+    ev.add_argument("--adapter", help="LoRA adapter folder (its tokenizer and template are used)")
+    ev.add_argument("--suite", default="skills", choices=["skills"])
+    ev.add_argument("--data", required=True, help="folder written by `instructkit synth skills`")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--splits", help="comma-separated splits (default: all four)")
+    ev.add_argument("--limit", type=int, help="at most this many prompts per split")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--corpus", help="plain-text lines for the forgetting probe (NLL)")
+    ev.add_argument("--template", help="built-in template to use when the model has none")
+    ev.set_defaults(func=cmd_eval)
+
+    sk = sysub.add_parser("skills", help="the verifiable skills curriculum (splits, corpus, preferences)")
+    sk.add_argument("--out", required=True)
+    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--n-train", type=int, default=6000)
+    sk.add_argument("--n-corpus", type=int, default=30000)
+    sk.set_defaults(func=cmd_synth_skills)
 
     dm = sub.add_parser("demo", help="end-to-end tiny SFT demo on CPU")
     dm.add_argument("--out", default="runs/demo")

@@ -101,7 +101,7 @@ class LoggingConfig(_Section):
 class RunConfig(_Section):
     """A whole run. ``method`` picks the recipe in ``instructkit.methods``."""
 
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "pretrain"] = "sft"
     seed: int = 0
     output_dir: str = "runs/run"
     model: ModelConfig

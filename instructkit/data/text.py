@@ -1,0 +1,88 @@
+"""Plain-text corpora for causal-LM (pre)training: documents -> one token stream -> full rows.
+
+A ``.txt`` file holds one document per line; a ``.jsonl`` file holds objects with a ``text`` field.
+Documents are joined with a separator token and cut into rows of exactly ``max_length`` tokens, the
+standard layout for language-model training (no padding, every token is a target).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from instructkit.data.errors import DataError
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents of a text corpus; blank lines are skipped (they carry no text)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, None, None, "file not found", "check data.train")
+    docs = []
+    with open(p, encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if p.suffix == ".jsonl":
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(p, n, None, f"invalid JSON ({e.msg})", "one JSON object per line",
+                                        reason="invalid_json") from None
+                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                        raise DataError(p, n, "text", "missing or not a string",
+                                        'each line needs {"text": "..."}', reason="missing_field")
+                    docs.append(rec["text"])
+                else:
+                    docs.append(line.rstrip("\n"))
+        except UnicodeDecodeError as e:
+            raise DataError(p, None, None, f"not UTF-8 ({e.reason} at byte {e.start})",
+                            "re-encode the file as UTF-8", reason="invalid_utf8") from None
+    return docs
+
+
+def separator_id(tokenizer) -> int:
+    """Document separator: <|endoftext|> when the tokenizer has it, else eos."""
+    tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+        return tid
+    return tokenizer.eos_token_id
+
+
+def token_stream(tokenizer, docs: list[str]) -> list[int]:
+    sep = separator_id(tokenizer)
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(sep)
+    return ids
+
+
+def chunk_rows(stream: list[int], max_length: int) -> torch.Tensor:
+    """(n_rows, max_length) rows; the incomplete tail is dropped (at most max_length-1 tokens)."""
+    n = len(stream) // max_length
+    if n == 0:
+        raise DataError("<corpus>", None, None, f"the corpus has {len(stream)} tokens, fewer than one "
+                        f"row of max_length {max_length}", "lower data.max_length or add text",
+                        reason="empty")
+    return torch.tensor(stream[: n * max_length], dtype=torch.long).view(n, max_length)
+
+
+def lm_batches(rows: torch.Tensor, micro_batch_size: int, seed: int, shuffle: bool):
+    """Per-epoch micro-batches of full rows (labels = inputs; the loss shifts by one)."""
+
+    def source(epoch: int) -> list[dict]:
+        order = list(range(rows.shape[0]))
+        if shuffle:
+            random.Random(seed * 1000003 + epoch).shuffle(order)
+        out = []
+        for s in range(0, len(order), micro_batch_size):
+            x = rows[order[s:s + micro_batch_size]]
+            out.append({"input_ids": x, "labels": x.clone()})
+        return out
+
+    return source, (rows.shape[0] + micro_batch_size - 1) // micro_batch_size

@@ -1,0 +1,141 @@
+"""The skills suite: generate for every prompt of each split, verify, and aggregate.
+
+Metrics per split: verified accuracy, exact match against the reference answer, the fraction of
+generations that stop on their own before the length limit (the "never learns to stop" failure),
+mean generated length and the held-out loss on the reference answers. Per family: accuracy.
+Forgetting: NLL on held-out plain-text corpus lines, compared before and after tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from instructkit.data.encode import encode_messages, encode_prompt
+from instructkit.data.errors import DataError
+from instructkit.data.formats import load_examples
+from instructkit.data.text import chunk_rows, token_stream
+from instructkit.generate import SamplingConfig, generate
+from instructkit.losses import token_nll_sum
+from instructkit.models import target_logits
+from instructkit.synth.skills import SPLITS, clean, verify_response
+
+
+def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[dict]:
+    """Records of one split with their messages validated by the standard loader."""
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.exists():
+        raise DataError(path, None, None, f"the skills data has no '{split}' split",
+                        f"generate the suite with `instructkit synth skills --out {data_dir}`",
+                        reason="missing_file")
+    validated = load_examples([path], kind="sft")  # raises with file:line on a corrupt record
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    for rec, line in zip(validated, lines):
+        full = json.loads(line)
+        for key in ("family", "data"):
+            if key not in full:
+                raise DataError(path, rec["_line"], key, "missing (needed to verify answers)",
+                                "regenerate with `instructkit synth skills`", reason="missing_field")
+        full["_line"] = rec["_line"]
+        records.append(full)
+        if limit is not None and len(records) >= limit:
+            break
+    return records
+
+
+def check_chat_template(tokenizer, model_dir: str | Path) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(model_dir, None, "chat_template",
+                        "the model's tokenizer has no chat template, so prompts cannot be rendered as in "
+                        "training", "evaluate the final/ folder of an instructkit run (it saves the "
+                        "template), or pass --template chatml", reason="no_template")
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, records: list[dict], batch_size: int = 32) -> float:
+    """Token-mean NLL of the reference answers given their prompts (the held-out loss)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for rec in records:
+        enc = encode_messages(tokenizer, rec["messages"], template=tokenizer.chat_template)
+        batch = {"input_ids": torch.tensor([enc.input_ids], device=device),
+                 "labels": torch.tensor([enc.labels], device=device)}
+        logits, targets = target_logits(model, batch)
+        total += float(token_nll_sum(logits, targets))
+        count += targets.numel()
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def corpus_nll(model, tokenizer, lines: list[str], max_length: int = 256) -> float:
+    """Token-mean NLL on plain-text lines (the forgetting probe)."""
+    device = next(model.parameters()).device
+    rows = chunk_rows(token_stream(tokenizer, lines), max_length)
+    total, count = 0.0, 0
+    for s in range(0, rows.shape[0], 16):
+        x = rows[s:s + 16].to(device)
+        logits, targets = target_logits(model, {"input_ids": x, "labels": x})
+        total += float(token_nll_sum(logits, targets))
+        count += targets.numel()
+    return total / max(1, count)
+
+
+def evaluate_skills(model, tokenizer, data_dir: str | Path, splits: tuple[str, ...] = SPLITS,
+                    limit: int | None = None, max_new_tokens: int = 64, batch_size: int = 32,
+                    corpus_lines: list[str] | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score a model on the skills suite.
+
+    Returns:
+        ``(metrics, samples)``: metrics per split and family (plus ``corpus_nll`` when lines are
+        given); samples with prompt, output, expected answer and correctness.
+    """
+    model.eval()
+    metrics: dict = {"splits": {}, "families": {}}
+    samples: list[dict] = []
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    for split in splits:
+        recs = load_split(data_dir, split, limit)
+        prompts = [encode_prompt(tokenizer, r["messages"][:-1], template=tokenizer.chat_template) for r in recs]
+        gens = generate(model, tokenizer, prompts, sampling, batch_size=batch_size)
+        per_family: dict[str, list[bool]] = defaultdict(list)
+        correct = exact = stopped = 0
+        lengths = []
+        for r, g in zip(recs, gens):
+            ok = bool(verify_response(r, g.text))
+            em = clean(g.text) == clean(r["messages"][-1]["content"])
+            correct += ok
+            exact += em
+            stopped += g.finish_reason == "stop"
+            lengths.append(len(g.token_ids))
+            per_family[r["family"]].append(ok)
+            samples.append({"split": split, "family": r["family"], "phrasing": r.get("phrasing"),
+                            "prompt": r["messages"][-2]["content"], "output": g.text,
+                            "expected": r["messages"][-1]["content"], "correct": ok, "exact_match": em,
+                            "stopped": g.finish_reason == "stop"})
+        n = max(1, len(recs))
+        metrics["splits"][split] = {
+            "n": len(recs), "accuracy": correct / n, "exact_match": exact / n, "stop_rate": stopped / n,
+            "mean_generated_tokens": sum(lengths) / n, "heldout_loss": answer_nll(model, tokenizer, recs)}
+        metrics["families"][split] = {f: sum(v) / len(v) for f, v in sorted(per_family.items())}
+        if progress:
+            m = metrics["splits"][split]
+            print(f"  {split:17s} accuracy {m['accuracy']:6.1%}  stop rate {m['stop_rate']:6.1%}  "
+                  f"loss {m['heldout_loss']:.3f}  (n={len(recs)})", file=sys.stderr, flush=True)
+    if corpus_lines:
+        metrics["corpus_nll"] = corpus_nll(model, tokenizer, corpus_lines)
+    return metrics, samples
+
+
+def write_eval(out_dir: str | Path, metrics: dict, samples: list[dict]) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
