@@ -218,43 +218,32 @@ def cmd_synth_skills(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Interim demo: tiny model + toy conversations + SFT (full and LoRA), end to end."""
-    from instructkit.config import load_config
-    from instructkit.methods import sft
-    from instructkit.synth.toy import write_toy_dataset
-    from instructkit.tiny_model import build_tiny_model
+    """The embedded default: skills curriculum, pretrained tiny base, SFT, evaluation, report."""
+    from instructkit.demo import run_demo
+    from instructkit.report import write_report
 
-    work = Path(args.out)
-    model_dir = work / "tiny-model"
-    if not (model_dir / "config.json").exists():
-        print(f"[1/4] building tiny model in {model_dir}")
-        build_tiny_model(model_dir, preset="nano", seed=0)
-    else:
-        print(f"[1/4] reusing tiny model in {model_dir}")
-    print("[2/4] generating toy conversations")
-    write_toy_dataset(work / "data", n_train=args.n, n_eval=100, seed=0)
-    results = {}
-    for i, (name, extra) in enumerate((("full", []), ("lora", ["lora.enabled=true", "lora.r=16", "lora.alpha=32",
-                                                        "train.lr=5e-3"])), 3):
-        print(f"[{i}/4] SFT ({name})")
-        cfg = load_config(raw={
-            "method": "sft", "output_dir": str(work / f"sft-{name}"),
-            "model": {"name_or_path": str(model_dir)},
-            "data": {"train": str(work / "data/train.jsonl"), "eval": str(work / "data/eval.jsonl"),
-                     "max_length": 512},
-            "train": {"epochs": 1, "micro_batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.05,
-                      "eval_every": 50},
-        }, overrides=extra)
-        res = sft.main(cfg)
-        results[name] = res.final_metrics
-    print("\nresult      train loss   eval loss")
-    for name, m in results.items():
-        print(f"{name:10s}  {m.get('loss', float('nan')):10.4f}  {m.get('eval_loss', float('nan')):10.4f}")
-    print("\nThe tiny base model has random weights. Full fine-tuning trains everything, including the\n"
-          "embeddings and output head; LoRA trains small adapters on top of the frozen random weights,\n"
-          "so it learns much less here. LoRA is meant for pretrained bases, where it matches full\n"
-          "fine-tuning far more closely.")
-    print(f"\nruns written under {work}/ (metrics.jsonl, checkpoints/, final/)")
+    summary = run_demo(out=args.out, cache=args.cache, quick=args.quick, seed=args.seed, limit=args.limit)
+    out = Path(args.out)
+    q = " --quick" if args.quick else ""
+    commands = [
+        f"instructkit demo --out {args.out}{q} --seed {args.seed}   # everything below in one command",
+        f"instructkit synth skills --out {out / 'data'} --seed {args.seed}",
+        f"instructkit train {out / 'sft-full/config.yaml'}        # base model: {summary['base']}",
+        f"instructkit train {out / 'sft-lora/config.yaml'}",
+        f"instructkit eval --model {summary['base']} --data {out / 'data'} --out {out / 'eval-base'}"
+        f" --limit {summary['limit']}",
+        f"instructkit eval --model {out / 'sft-full/final'} --data {out / 'data'} --out {out / 'eval-sft-full'}"
+        f" --limit {summary['limit']}",
+        f"instructkit eval --model {summary['base']} --adapter {out / 'sft-lora/final'} --data {out / 'data'}"
+        f" --out {out / 'eval-sft-lora'} --limit {summary['limit']}",
+    ]
+    md, html_path = write_report(out, summary, commands)
+    res = summary["results"]
+    print(f"\n{'split':18s}" + "".join(f"{m:>11s}" for m in res))
+    for split in next(iter(res.values()))["splits"]:
+        print(f"{split:18s}" + "".join(f"{res[m]['splits'][split]['accuracy']:11.1%}" for m in res))
+    print(f"{'stops on its own':18s}" + "".join(f"{res[m]['splits']['validation']['stop_rate']:11.1%}" for m in res))
+    print(f"\ntotal {summary['times']['total']:.0f}s. Report: {md} and {html_path}")
     return 0
 
 
@@ -393,9 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--n-corpus", type=int, default=30000)
     sk.set_defaults(func=cmd_synth_skills)
 
-    dm = sub.add_parser("demo", help="end-to-end tiny SFT demo on CPU")
+    dm = sub.add_parser("demo", help="the embedded default: tune a tiny model on the skills curriculum")
     dm.add_argument("--out", default="runs/demo")
-    dm.add_argument("--n", type=int, default=2000, help="training conversations")
+    dm.add_argument("--cache", default=".cache/instructkit", help="where the pretrained base is kept")
+    dm.add_argument("--quick", action="store_true", help="shorter pretraining and evaluation")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--limit", type=int, help="prompts per split in evaluation (default 40, quick 20)")
     dm.set_defaults(func=cmd_demo)
     return p
 

@@ -44,8 +44,19 @@ def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> li
                                 "regenerate with `instructkit synth skills`", reason="missing_field")
         full["_line"] = rec["_line"]
         records.append(full)
-        if limit is not None and len(records) >= limit:
-            break
+    if limit is not None and limit < len(records):
+        # Round-robin over families (file order within each), so a small limit still measures
+        # every family instead of whichever happens to come first.
+        by_family: dict[str, list[dict]] = defaultdict(list)
+        for r in records:
+            by_family[r["family"]].append(r)
+        picked: list[dict] = []
+        queues = list(by_family.values())
+        while len(picked) < limit:
+            for q in queues:
+                if q and len(picked) < limit:
+                    picked.append(q.pop(0))
+        records = sorted(picked, key=lambda r: r["_line"])
     return records
 
 

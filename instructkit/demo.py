@@ -1,0 +1,146 @@
+"""`instructkit demo`: the whole idea of instruction tuning on a laptop CPU, in minutes.
+
+Stages: generate the skills curriculum -> build (or reuse) a tiny base model pretrained on the
+plain-text skills corpus (knowledge, no instruction following) -> evaluate it -> SFT (full and LoRA)
+-> evaluate again -> write report.md / report.html with plots and examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+DEMO_VERSION = 1  # bump when the base recipe changes, so stale caches are rebuilt
+
+
+def _stage(i: int, n: int, msg: str) -> None:
+    print(f"\n[{i}/{n}] {msg}", file=sys.stderr, flush=True)
+
+
+def base_recipe(preset: str, seed: int, quick: bool) -> dict:
+    return {"version": DEMO_VERSION, "preset": preset, "seed": seed,
+            "pretrain_epochs": 1 if quick else 2, "max_length": 256, "lr": 3e-3, "micro_batch_size": 16}
+
+
+def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
+    """Tokenizer trained on the suite's text, then causal-LM pretraining on the plain corpus."""
+    from instructkit.config import load_config
+    from instructkit.methods import pretrain
+    from instructkit.tiny_model import build_tiny_model
+
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    final = cache_dir / f"base-{key}" / "final"
+    if (final / "config.json").exists():
+        print(f"reusing cached base model {final}", file=sys.stderr)
+        return final
+    work = cache_dir / f"base-{key}"
+    if work.exists():
+        shutil.rmtree(work)
+    corpus = (data_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    prompts = [json.loads(x)["messages"] for x in (data_dir / "train.jsonl").read_text().splitlines()]
+    texts = corpus + [m["content"] for conv in prompts for m in conv]
+    init = build_tiny_model(work / "init", preset=recipe["preset"], seed=recipe["seed"], corpus=texts)
+    cfg = load_config(raw={
+        "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work),
+        "model": {"name_or_path": str(init)},
+        "data": {"train": str(data_dir / "corpus.txt"), "eval_fraction": 0.02,
+                 "max_length": recipe["max_length"]},
+        "train": {"epochs": recipe["pretrain_epochs"], "micro_batch_size": recipe["micro_batch_size"],
+                  "lr": recipe["lr"], "warmup_ratio": 0.05, "schedule": "cosine", "min_lr_ratio": 0.1,
+                  "save_every": 200, "eval_every": 200},
+    })
+    pretrain.main(cfg)
+    (work / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    return final
+
+
+def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs: float, seed: int) -> Path:
+    from instructkit.config import load_config
+    from instructkit.methods import sft
+
+    raw = {
+        "method": "sft", "seed": seed, "output_dir": str(out / f"sft-{name}"),
+        "model": {"name_or_path": str(base)},
+        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "validation.jsonl"),
+                 "max_length": 256},
+        "train": {"epochs": epochs, "micro_batch_size": 16, "lr": 2e-3 if not lora else 5e-3,
+                  "warmup_ratio": 0.05, "schedule": "cosine", "eval_every": 50, "save_every": 200},
+    }
+    if lora:
+        raw["lora"] = {"enabled": True, "r": 32, "alpha": 64, "target_modules": "all-linear"}
+    sft.main(load_config(raw=raw))
+    return out / f"sft-{name}" / "final"
+
+
+def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpus_lines: list[str],
+                   base_dir: Path | None = None) -> dict:
+    """Evaluate a full model folder, or an adapter folder on top of ``base_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructkit.evaluate.skills import evaluate_skills, write_eval
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if base_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    metrics, samples = evaluate_skills(model, tokenizer, data_dir, limit=limit, corpus_lines=corpus_lines,
+                                       max_new_tokens=48, batch_size=64)
+    write_eval(out, metrics, samples)
+    return metrics
+
+
+def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instructkit", quick: bool = False,
+             seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 3.0) -> dict:
+    from instructkit.synth.skills import write_skills
+
+    t_start = time.perf_counter()
+    out, cache = Path(out), Path(cache)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    n_stages = 6
+    limit = limit or (20 if quick else 40)
+
+    _stage(1, n_stages, "generating the skills curriculum")
+    t = time.perf_counter()
+    data_dir = out / "data"
+    write_skills(data_dir, seed=seed)
+    corpus = (data_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    probe = corpus[-300:]  # forgetting probe: plain-text statements
+    times["curriculum"] = time.perf_counter() - t
+
+    _stage(2, n_stages, "building the tiny base model (pretrained on the plain-text skills corpus)")
+    t = time.perf_counter()
+    base = build_base(data_dir, cache / "demo", base_recipe(preset, seed, quick))
+    times["base model"] = time.perf_counter() - t
+
+    _stage(3, n_stages, "evaluating the base model")
+    t = time.perf_counter()
+    results = {"base": evaluate_model(base, data_dir, out / "eval-base", limit, probe)}
+    times["eval base"] = time.perf_counter() - t
+
+    _stage(4, n_stages, "SFT: full fine-tuning")
+    t = time.perf_counter()
+    full = sft_run("full", base, data_dir, out, lora=False, epochs=sft_epochs, seed=seed)
+    times["sft full"] = time.perf_counter() - t
+
+    _stage(5, n_stages, "SFT: LoRA")
+    t = time.perf_counter()
+    lora = sft_run("lora", base, data_dir, out, lora=True, epochs=sft_epochs, seed=seed)
+    times["sft lora"] = time.perf_counter() - t
+
+    _stage(6, n_stages, "evaluating the tuned models")
+    t = time.perf_counter()
+    results["sft-full"] = evaluate_model(full, data_dir, out / "eval-sft-full", limit, probe)
+    results["sft-lora"] = evaluate_model(lora, data_dir, out / "eval-sft-lora", limit, probe, base_dir=base)
+    times["eval tuned"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_start
+    summary = {"results": results, "times": times, "base": str(base), "quick": quick, "limit": limit}
+    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,140 @@
+"""Skills evaluation harness, its bad-input errors, the pretrain method, and the demo report."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from instructkit.evaluate.skills import evaluate_skills, load_split
+from instructkit.synth.skills import SPLITS
+
+ENV_CMD = [sys.executable, "-m", "instructkit"]
+
+
+@pytest.fixture(scope="module")
+def skills_dir(tmp_path_factory):
+    from instructkit.synth.skills import write_skills
+
+    d = tmp_path_factory.mktemp("skills")
+    write_skills(d, seed=0, n_train=120, n_val=27, n_heldout_phrasing=27, n_heldout_family=8, n_corpus=400)
+    return d
+
+
+def run(*args):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(ENV_CMD + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_evaluate_skills_metrics_and_samples(tiny_model_dir, tiny_tokenizer, skills_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    corpus = (skills_dir / "corpus.txt").read_text().splitlines()[:100]
+    metrics, samples = evaluate_skills(model, tiny_tokenizer, skills_dir, limit=4, max_new_tokens=8,
+                                       corpus_lines=corpus, progress=False)
+    assert set(metrics["splits"]) == set(SPLITS)
+    for split, m in metrics["splits"].items():
+        assert m["n"] == 4
+        for key in ("accuracy", "exact_match", "stop_rate"):
+            assert 0.0 <= m[key] <= 1.0
+        assert m["heldout_loss"] > 0 and m["mean_generated_tokens"] <= 8
+    assert metrics["corpus_nll"] > 0
+    assert len(samples) == 16
+    assert {"split", "family", "prompt", "output", "expected", "correct", "stopped"} <= set(samples[0])
+    # A random model is (almost) never right; the harness must not call it correct.
+    assert sum(s["correct"] for s in samples) <= 1
+
+
+def test_verifier_scoring_of_reference_answers(skills_dir):
+    """The harness's scoring path accepts the reference answers themselves."""
+    from instructkit.synth.skills import verify_response
+
+    for split in SPLITS:
+        for rec in load_split(skills_dir, split):
+            assert verify_response(rec, rec["messages"][-1]["content"]), rec
+
+
+def test_eval_cli_bad_inputs(tmp_path, tiny_model_dir, skills_dir):
+    # 1. a data folder with a missing split
+    partial = tmp_path / "partial"
+    shutil.copytree(skills_dir, partial)
+    (partial / "heldout_family.jsonl").unlink()
+    p = run("eval", "--model", tiny_model_dir, "--data", partial, "--out", tmp_path / "o")
+    assert p.returncode == 2 and "heldout_family" in p.stderr and "instructkit synth skills" in p.stderr
+    # 2. a corrupt JSONL line
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(skills_dir, corrupt)
+    lines = (corrupt / "validation.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:40]
+    (corrupt / "validation.jsonl").write_text("\n".join(lines) + "\n")
+    p = run("eval", "--model", tiny_model_dir, "--data", corrupt, "--out", tmp_path / "o",
+            "--splits", "validation", "--limit", "2")
+    assert p.returncode == 2 and "validation.jsonl:3" in p.stderr and "Traceback" not in p.stderr
+    # 3. a model without a chat template
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    p = run("eval", "--model", bare, "--data", skills_dir, "--out", tmp_path / "o", "--limit", "2")
+    assert p.returncode == 2 and "no chat template" in p.stderr and "--template chatml" in p.stderr
+
+
+def test_eval_cli_writes_files(tmp_path, tiny_model_dir, skills_dir):
+    p = run("eval", "--model", tiny_model_dir, "--data", skills_dir, "--out", tmp_path / "o",
+            "--limit", "2", "--max-new-tokens", "4", "--splits", "validation,heldout_family")
+    assert p.returncode == 0, p.stderr
+    m = json.loads((tmp_path / "o/eval.json").read_text())
+    assert set(m["splits"]) == {"validation", "heldout_family"}
+    assert len((tmp_path / "o/samples.jsonl").read_text().splitlines()) == 4
+    assert "validation" in p.stdout and "accuracy" in p.stdout
+
+
+def test_pretrain_method_lowers_loss(tmp_path, tiny_model_dir, skills_dir):
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.config import load_config
+    from instructkit.methods import pretrain
+
+    cfg = load_config(raw={"method": "pretrain", "output_dir": str(tmp_path / "pt"),
+                           "model": {"name_or_path": str(tiny_model_dir)},
+                           "data": {"train": str(skills_dir / "corpus.txt"), "max_length": 64,
+                                    "eval_fraction": 0.1},
+                           "train": {"max_steps": 12, "micro_batch_size": 4, "lr": 3e-3, "progress": False}})
+    pretrain.main(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "pt/metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert losses[-1] < losses[0]
+    assert "eval_loss" in lines[-1]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "pt/final")
+
+
+def test_report_renders_tables_and_plots(tmp_path):
+    from instructkit.report import write_report
+
+    def fake(acc):
+        return {"splits": {s: {"n": 10, "accuracy": acc, "exact_match": acc, "stop_rate": 1.0,
+                               "mean_generated_tokens": 5.0, "heldout_loss": 0.5} for s in SPLITS},
+                "families": {s: {"add": acc} for s in SPLITS}, "corpus_nll": 1.0 + acc}
+
+    for run_name in ("sft-full", "sft-lora"):
+        (tmp_path / run_name).mkdir()
+        (tmp_path / run_name / "metrics.jsonl").write_text(
+            "\n".join(json.dumps({"step": i, "loss": 2.0 / i}) for i in range(1, 6)) + "\n"
+            + json.dumps({"step": 5, "eval_loss": 0.5}) + "\n")
+    summary = {"results": {"base": fake(0.0), "sft-full": fake(0.9), "sft-lora": fake(0.7)},
+               "times": {"total": 12.0}}
+    md, html = write_report(tmp_path, summary, ["instructkit demo"])
+    text = md.read_text()
+    assert "| validation |" in text and "90.0%" in text and "(+0.900)" in text
+    assert "instructkit demo" in text
+    for png in ("accuracy.png", "loss_curves.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = html.read_text()
+    assert "<table>" in page and "<img src='accuracy.png'" in page
