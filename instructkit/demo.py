@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_VERSION = 1  # bump when the base recipe changes, so stale caches are rebuilt
+DEMO_VERSION = 2  # bump when the base recipe changes, so stale caches are rebuilt
 
 
 def _stage(i: int, n: int, msg: str) -> None:
@@ -43,7 +43,8 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
     corpus = (data_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
     prompts = [json.loads(x)["messages"] for x in (data_dir / "train.jsonl").read_text().splitlines()]
     texts = corpus + [m["content"] for conv in prompts for m in conv]
-    init = build_tiny_model(work / "init", preset=recipe["preset"], seed=recipe["seed"], corpus=texts)
+    init = build_tiny_model(work / "init", preset=recipe["preset"], seed=recipe["seed"], corpus=texts,
+                            isolate_spaces=True)
     cfg = load_config(raw={
         "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work),
         "model": {"name_or_path": str(init)},
@@ -97,7 +98,13 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
 
 
 def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instructkit", quick: bool = False,
-             seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 3.0) -> dict:
+             seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 3.0,
+             n_train: int = 6000, n_corpus: int = 30000) -> dict:
+    """Run every stage and return ``{"results", "times", "base", "quick", "limit"}``.
+
+    ``preset``, ``n_train``, ``n_corpus`` and ``sft_epochs`` exist so tests can run the whole
+    pipeline at a miniature scale; the defaults are the demo's.
+    """
     from instructkit.synth.skills import write_skills
 
     t_start = time.perf_counter()
@@ -110,9 +117,11 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     _stage(1, n_stages, "generating the skills curriculum")
     t = time.perf_counter()
     data_dir = out / "data"
-    write_skills(data_dir, seed=seed)
+    small = n_train < 1000  # miniature runs (tests) get proportionally small eval splits
+    write_skills(data_dir, seed=seed, n_train=n_train, n_corpus=n_corpus,
+                 **({"n_val": 27, "n_heldout_phrasing": 27, "n_heldout_family": 8} if small else {}))
     corpus = (data_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    probe = corpus[-300:]  # forgetting probe: plain-text statements
+    probe = corpus[-300:]  # forgetting probe: plain-text statements (the tail of the corpus file)
     times["curriculum"] = time.perf_counter() - t
 
     _stage(2, n_stages, "building the tiny base model (pretrained on the plain-text skills corpus)")

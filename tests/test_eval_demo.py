@@ -138,3 +138,25 @@ def test_report_renders_tables_and_plots(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = html.read_text()
     assert "<table>" in page and "<img src='accuracy.png'" in page
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_at_miniature_scale(tmp_path):
+    """Every stage of `instructkit demo` (curriculum, pretraining, eval, SFT full+LoRA, report)
+    at a size that runs in well under a minute; a second run reuses the cached base."""
+    from instructkit.demo import run_demo
+    from instructkit.report import write_report
+
+    kw = dict(cache=tmp_path / "cache", quick=True, preset="nano", limit=4, sft_epochs=0.3,
+              n_train=150, n_corpus=600)
+    summary = run_demo(out=tmp_path / "demo", **kw)
+    assert set(summary["results"]) == {"base", "sft-full", "sft-lora"}
+    for r in summary["results"].values():
+        assert set(r["splits"]) == set(SPLITS) and r["corpus_nll"] > 0
+    md, html = write_report(tmp_path / "demo", summary, ["instructkit demo"])
+    assert "heldout_family" in md.read_text() and (tmp_path / "demo/accuracy.png").exists()
+    assert (tmp_path / "demo/sft-full/final/config.json").exists()
+    assert (tmp_path / "demo/sft-lora/final/adapter_config.json").exists()
+    again = run_demo(out=tmp_path / "demo2", **kw)
+    assert again["base"] == summary["base"]  # cached
+    assert again["times"]["base model"] < summary["times"]["base model"]

@@ -35,3 +35,21 @@ def test_tokenizer_roundtrip_and_template(tiny_tokenizer):
 def test_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         build_tiny_model(tmp_path, preset="huge")
+
+
+def test_isolate_spaces_makes_words_context_free():
+    """With isolate_spaces, 'lantern' is one id after a space, after a newline and at a reply start,
+    so copying a word from a prompt into an answer is an identity map (the demo relies on it)."""
+    from instructkit.tiny_model import default_corpus, train_tokenizer
+
+    corpus = default_corpus(0) + ["the first item of lantern, ocean is lantern."] * 50
+    tok = train_tokenizer(corpus, 2048, isolate_spaces=True)
+    word = tok("lantern", add_special_tokens=False)["input_ids"]
+    for text in ("list: lantern, ocean", "assistant\nlantern", "x lantern"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert any(ids[i:i + len(word)] == word for i in range(len(ids))), text
+        assert tok.decode(ids) == text
+    plain = train_tokenizer(corpus, 2048, isolate_spaces=False)
+    a = plain(" lantern", add_special_tokens=False)["input_ids"]
+    b = plain("lantern", add_special_tokens=False)["input_ids"]
+    assert a != b  # the GPT-style default differs, which is why the option exists
