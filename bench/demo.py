@@ -53,7 +53,7 @@ def main() -> None:
         acc = {m: {s: v["accuracy"] for s, v in r["splits"].items()} for m, r in summary["results"].items()}
         print(f"{name}: {wall:.0f}s  {json.dumps(acc)}")
     lines = ["", f"## `instructkit demo` end to end ({time.strftime('%Y-%m-%d')})", "",
-             f"- Command: `python bench/demo.py` (each row is one `instructkit demo` run in a subprocess)",
+             "- Command: `python bench/demo.py` (each row is one `instructkit demo` run in a subprocess)",
              f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
              "", "| run | wall time (s) | model | train | validation | heldout_phrasing | heldout_family | "
              "stops on its own | corpus NLL |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_VERSION = 2  # bump when the base recipe changes, so stale caches are rebuilt
+DEMO_VERSION = 3  # bump when the base recipe changes, so stale caches are rebuilt
 
 
 def _stage(i: int, n: int, msg: str) -> None:
@@ -32,7 +32,9 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
     from instructkit.methods import pretrain
     from instructkit.tiny_model import build_tiny_model
 
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    # The key covers the recipe and the exact corpus, so a different curriculum never reuses a base.
+    corpus_hash = hashlib.sha256((data_dir / "corpus_pretrain.txt").read_bytes()).hexdigest()
+    key = hashlib.sha256((json.dumps(recipe, sort_keys=True) + corpus_hash).encode()).hexdigest()[:12]
     final = cache_dir / f"base-{key}" / "final"
     if (final / "config.json").exists():
         print(f"reusing cached base model {final}", file=sys.stderr)
@@ -40,7 +42,7 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
     work = cache_dir / f"base-{key}"
     if work.exists():
         shutil.rmtree(work)
-    corpus = (data_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    corpus = (data_dir / "corpus_pretrain.txt").read_text(encoding="utf-8").splitlines()
     prompts = [json.loads(x)["messages"] for x in (data_dir / "train.jsonl").read_text().splitlines()]
     texts = corpus + [m["content"] for conv in prompts for m in conv]
     init = build_tiny_model(work / "init", preset=recipe["preset"], seed=recipe["seed"], corpus=texts,
@@ -48,7 +50,7 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
     cfg = load_config(raw={
         "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work),
         "model": {"name_or_path": str(init)},
-        "data": {"train": str(data_dir / "corpus.txt"), "eval_fraction": 0.02,
+        "data": {"train": str(data_dir / "corpus_pretrain.txt"), "eval": str(data_dir / "corpus_heldout.txt"),
                  "max_length": recipe["max_length"]},
         "train": {"epochs": recipe["pretrain_epochs"], "micro_batch_size": recipe["micro_batch_size"],
                   "lr": recipe["lr"], "warmup_ratio": 0.05, "schedule": "cosine", "min_lr_ratio": 0.1,
@@ -113,6 +115,8 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     times: dict[str, float] = {}
     n_stages = 6
     limit = limit or (20 if quick else 40)
+    if quick:  # the --quick budget (3 minutes with a cached base): one epoch of tuning
+        sft_epochs = min(sft_epochs, 1.0)
 
     _stage(1, n_stages, "generating the skills curriculum")
     t = time.perf_counter()
@@ -121,7 +125,11 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     write_skills(data_dir, seed=seed, n_train=n_train, n_corpus=n_corpus,
                  **({"n_val": 27, "n_heldout_phrasing": 27, "n_heldout_family": 8} if small else {}))
     corpus = (data_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    probe = corpus[-300:]  # forgetting probe: plain-text statements (the tail of the corpus file)
+    # The forgetting probe must be text the base never trained on: hold out the corpus tail.
+    n_probe = min(300, len(corpus) // 10)
+    (data_dir / "corpus_pretrain.txt").write_text("\n".join(corpus[:-n_probe]) + "\n", encoding="utf-8")
+    (data_dir / "corpus_heldout.txt").write_text("\n".join(corpus[-n_probe:]) + "\n", encoding="utf-8")
+    probe = corpus[-n_probe:]
     times["curriculum"] = time.perf_counter() - t
 
     _stage(2, n_stages, "building the tiny base model (pretrained on the plain-text skills corpus)")

@@ -61,6 +61,15 @@ BatchSource = Callable[[int], Sequence[dict]]
 """Maps an epoch number to that epoch's micro-batches, always the same list for the same epoch."""
 
 
+def start_run(output_dir: str | Path, seed: int) -> tuple[Path, torch.device]:
+    """Create the run folder, seed Python's and torch's RNGs, and pick the device (CUDA if present)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return out, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def count_targets(batch: dict) -> int:
     """Target tokens in a causal-LM batch: labels that are not -100, after the one-token shift."""
     return int((batch["labels"][:, 1:] != -100).sum())

@@ -82,8 +82,8 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
     """Write report.md and report.html (plots as PNG files beside them)."""
     results = summary["results"]
     runs = {"sft-full": out / "sft-full", "sft-lora": out / "sft-lora"}
-    loss_png = plot_losses(runs, out / "loss_curves.png")
-    acc_png = plot_accuracy(results, out / "accuracy.png")
+    plot_losses(runs, out / "loss_curves.png")
+    plot_accuracy(results, out / "accuracy.png")
     models = list(results)
     splits = list(results[models[0]]["splits"])
 

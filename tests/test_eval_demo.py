@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from instructkit.evaluate.skills import evaluate_skills, load_split
 from instructkit.synth.skills import SPLITS

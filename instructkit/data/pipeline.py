@@ -9,7 +9,6 @@ import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from instructkit.data.encode import EncodedExample, encode_messages
 from instructkit.data.errors import DataError, SkipReport

@@ -10,15 +10,14 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.text import chunk_rows, lm_batches, read_documents, token_stream
-from instructkit.loop import LoopResult, StepOutput, train_loop
+from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
 from instructkit.losses import token_nll_sum
-from instructkit.models import count_trainable, load_model, load_tokenizer, pick_device, save_final, target_logits
+from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, target_logits
 
 
 def lm_step(model, batch: dict) -> StepOutput:
@@ -27,11 +26,7 @@ def lm_step(model, batch: dict) -> StepOutput:
 
 
 def main(cfg: RunConfig) -> LoopResult:
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = pick_device()
+    out_dir, device = start_run(cfg.output_dir, cfg.seed)
 
     # --- setup: corpus -> token rows; a seeded slice of documents is held out for eval loss
     tokenizer = load_tokenizer(cfg.model)

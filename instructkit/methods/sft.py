@@ -8,18 +8,16 @@ save:  final/ as a Hugging Face model or peft adapter folder with the training c
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
-from instructkit.loop import LoopResult, StepOutput, count_targets, train_loop
+from instructkit.loop import LoopResult, StepOutput, count_targets, start_run, train_loop
 from instructkit.losses import token_nll_sum
-from instructkit.models import (count_trainable, load_model, load_tokenizer, pick_device, save_final,
+from instructkit.models import (count_trainable, load_model, load_tokenizer, save_final,
                                 target_logits)
 
 
@@ -47,11 +45,7 @@ def make_eval_fn(batches: list[dict], device: torch.device):
 
 
 def main(cfg: RunConfig) -> LoopResult:
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = pick_device()
+    out_dir, device = start_run(cfg.output_dir, cfg.seed)
 
     # --- setup: tokenizer, template, data. Data problems surface before the model is loaded.
     tokenizer = load_tokenizer(cfg.model)
