@@ -42,7 +42,7 @@ def main() -> None:
     work = Path(a.work)
     cache = work / "cache"
     rows = []
-    plan = [("cold", False), ("cached", False), ("quick (cached base)", True)]
+    plan = [("cold", False), ("cached", False), ("quick (builds its own 1-epoch base)", True)]
     if a.only:
         plan = [x for x in plan if x[0].startswith(a.only)]
     for name, quick in plan:
