@@ -279,24 +279,16 @@ def torch_dtype(device):
 
 
 def cmd_eval(args) -> int:
-    from instructkit.evaluate.skills import SPLITS, check_chat_template, evaluate_skills, write_eval
+    from instructkit.evaluate.skills import (SPLITS, check_chat_template, evaluate_skills, require_splits,
+                                             write_eval)
 
-    if args.suite != "skills":
-        raise SystemExit(f"unknown suite '{args.suite}'; available: skills")
-    for split in (args.splits.split(",") if args.splits else SPLITS):
-        if not (Path(args.data) / f"{split}.jsonl").exists():
-            from instructkit.data.errors import DataError
-
-            raise DataError(Path(args.data) / f"{split}.jsonl", None, None,
-                            f"the skills data has no '{split}' split",
-                            f"generate it with `instructkit synth skills --out {args.data}`",
-                            reason="missing_file")
+    splits = tuple(args.splits.split(",")) if args.splits else SPLITS
+    require_splits(args.data, splits)
     model, tokenizer = load_for_inference(args.model, args.adapter, args.template)
     check_chat_template(tokenizer, args.adapter or args.model)
     corpus = None
     if args.corpus:
         corpus = [x for x in Path(args.corpus).read_text(encoding="utf-8").splitlines() if x.strip()]
-    splits = tuple(args.splits.split(",")) if args.splits else SPLITS
     print(f"evaluating {args.adapter or args.model} on {args.data}", file=sys.stderr)
     metrics, samples = evaluate_skills(model, tokenizer, args.data, splits=splits, limit=args.limit,
                                        max_new_tokens=args.max_new_tokens, corpus_lines=corpus)

@@ -17,7 +17,8 @@ import torch
 
 from instructkit.data.encode import encode_messages, encode_prompt
 from instructkit.data.errors import DataError
-from instructkit.data.formats import load_examples
+from instructkit.data.formats import normalize
+from instructkit.data.readers import read_records
 from instructkit.data.text import chunk_rows, token_stream
 from instructkit.generate import SamplingConfig, generate
 from instructkit.losses import token_nll_sum
@@ -25,25 +26,28 @@ from instructkit.models import target_logits
 from instructkit.synth.skills import SPLITS, clean, verify_response
 
 
+def require_splits(data_dir: str | Path, splits) -> None:
+    """Fail before any model is loaded when a split file is missing, naming the fix."""
+    for split in splits:
+        path = Path(data_dir) / f"{split}.jsonl"
+        if not path.exists():
+            raise DataError(path, None, None, f"the skills data has no '{split}' split",
+                            f"generate the suite with `instructkit synth skills --out {data_dir}`",
+                            reason="missing_file")
+
+
 def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[dict]:
-    """Records of one split with their messages validated by the standard loader."""
+    """Records of one split, their messages validated like training data (errors name file:line)."""
+    require_splits(data_dir, [split])
     path = Path(data_dir) / f"{split}.jsonl"
-    if not path.exists():
-        raise DataError(path, None, None, f"the skills data has no '{split}' split",
-                        f"generate the suite with `instructkit synth skills --out {data_dir}`",
-                        reason="missing_file")
-    validated = load_examples([path], kind="sft")  # raises with file:line on a corrupt record
     records = []
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip()]
-    for rec, line in zip(validated, lines):
-        full = json.loads(line)
+    for line, raw in read_records(path):
+        normalize(raw, "messages", path, line)  # raises a DataError with file:line and field
         for key in ("family", "data"):
-            if key not in full:
-                raise DataError(path, rec["_line"], key, "missing (needed to verify answers)",
+            if key not in raw:
+                raise DataError(path, line, key, "missing (needed to verify answers)",
                                 "regenerate with `instructkit synth skills`", reason="missing_field")
-        full["_line"] = rec["_line"]
-        records.append(full)
+        records.append({**raw, "_line": line})
     if limit is not None and limit < len(records):
         # Round-robin over families (file order within each), so a small limit still measures
         # every family instead of whichever happens to come first.
