@@ -66,22 +66,14 @@ def common_eval_nll(model, tokenizer, eval_path: str, max_length: int) -> float:
 
     from instructkit.data.encode import encode_messages
     from instructkit.data.formats import load_examples
-    from instructkit.losses import token_nll_sum
-    from instructkit.models import target_logits
+    from instructkit.models import mean_nll
 
-    model.eval()
-    recs = load_examples([eval_path], kind="sft")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for r in recs:
-            e = encode_messages(tokenizer, r["messages"], template=tokenizer.chat_template,
-                                max_length=max_length, truncation="right")
-            ids = torch.tensor([e.input_ids])
-            batch = {"input_ids": ids, "labels": torch.tensor([e.labels])}
-            logits, targets = target_logits(model, batch)
-            total += float(token_nll_sum(logits, targets))
-            count += targets.numel()
-    return total / count
+    batches = []
+    for r in load_examples([eval_path], kind="sft"):
+        e = encode_messages(tokenizer, r["messages"], template=tokenizer.chat_template,
+                            max_length=max_length, truncation="right")
+        batches.append({"input_ids": torch.tensor([e.input_ids]), "labels": torch.tensor([e.labels])})
+    return mean_nll(model, batches)
 
 
 def count_target_tokens(tokenizer, train_path: str, max_length: int) -> tuple[int, int, int]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from instructkit.config import TrainConfig
+from instructkit.models import nll_sum
 
 CKPT_PREFIX = "step-"
 
@@ -68,6 +69,11 @@ def start_run(output_dir: str | Path, seed: int) -> tuple[Path, torch.device]:
     random.seed(seed)
     torch.manual_seed(seed)
     return out, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def nll_step(model: torch.nn.Module, batch: dict) -> StepOutput:
+    """The causal-LM loss_fn (SFT, pretraining): summed NLL over the batch's target tokens."""
+    return StepOutput(*nll_sum(model, batch))
 
 
 def count_targets(batch: dict) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from instructkit.config import LoraConfig, ModelConfig
+from instructkit.losses import token_nll_sum
 
 
 class ModelError(RuntimeError):
@@ -156,6 +157,24 @@ def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits, labels[:, 1:][select]
+
+
+def nll_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over the batch's target tokens, and how many there are."""
+    logits, targets = target_logits(model, batch)
+    return token_nll_sum(logits, targets), int(targets.numel())
+
+
+@torch.no_grad()
+def mean_nll(model, batches) -> float:
+    """Token-weighted mean NLL over batches (held-out loss), on the model's device, in eval mode."""
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        loss, n = nll_sum(model, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()})
+        total, count = total + float(loss), count + n
+    return total / max(1, count)
 
 
 def save_final(model, tokenizer, out: Path, lora: LoraConfig, extra_info: dict | None = None) -> Path:

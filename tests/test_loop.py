@@ -9,14 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from instructkit.config import TrainConfig
 from instructkit.loop import (StepOutput, TrainingError, count_targets, list_checkpoints, lr_lambda,
-                              train_loop)
-from instructkit.losses import token_nll_sum
-from instructkit.models import target_logits
-
-
-def _step(model, batch):
-    logits, targets = target_logits(model, batch)
-    return StepOutput(token_nll_sum(logits, targets), int(targets.numel()))
+                              nll_step as _step, train_loop)
 
 
 def _batches(seed=0, n=4, length=24, vocab=500):

@@ -18,7 +18,7 @@ from instructkit.data.packing import (collate_packed, collate_padded, pack_best_
 from instructkit.data.templates import BUILTIN_TEMPLATES, ensure_template_tokens, resolve_template
 
 
-def _as_list(x: str | list[str] | None) -> list[str]:
+def as_list(x: str | list[str] | None) -> list[str]:
     if x is None:
         return []
     return [x] if isinstance(x, str) else list(x)
@@ -74,9 +74,9 @@ def load_sft_data(data_cfg, tokenizer, template: str, seed: int) -> EncodedData:
     With ``skip``, every skipped record is in the returned report.
     """
     report = SkipReport()
-    train_recs = load_examples(_as_list(data_cfg.train), format=data_cfg.format,
+    train_recs = load_examples(as_list(data_cfg.train), format=data_cfg.format,
                                on_error=data_cfg.on_error, kind="sft", report=report)
-    eval_recs = load_examples(_as_list(data_cfg.eval), format=data_cfg.format,
+    eval_recs = load_examples(as_list(data_cfg.eval), format=data_cfg.format,
                               on_error=data_cfg.on_error, kind="sft", report=report) if data_cfg.eval else []
     counters: dict = {}
     train = encode_records(train_recs, tokenizer, template, data_cfg, report, counters)
@@ -90,7 +90,7 @@ def load_sft_data(data_cfg, tokenizer, template: str, seed: int) -> EncodedData:
         evals = [e for i, e in enumerate(train) if i in held]
         train = [e for i, e in enumerate(train) if i not in held]
     if not train:
-        raise DataError(", ".join(_as_list(data_cfg.train)), None, None,
+        raise DataError(", ".join(as_list(data_cfg.train)), None, None,
                         f"no usable training examples ({report.summary()})",
                         "fix the records listed above or point data.train at the right file",
                         reason="empty")

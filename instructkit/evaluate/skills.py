@@ -21,8 +21,7 @@ from instructkit.data.formats import normalize
 from instructkit.data.readers import read_records
 from instructkit.data.text import chunk_rows, token_stream
 from instructkit.generate import SamplingConfig, generate
-from instructkit.losses import token_nll_sum
-from instructkit.models import target_logits
+from instructkit.models import mean_nll
 from instructkit.synth.skills import SPLITS, clean, verify_response
 
 
@@ -72,33 +71,19 @@ def check_chat_template(tokenizer, model_dir: str | Path) -> None:
                         "template), or pass --template chatml", reason="no_template")
 
 
-@torch.no_grad()
-def answer_nll(model, tokenizer, records: list[dict], batch_size: int = 32) -> float:
+def answer_nll(model, tokenizer, records: list[dict]) -> float:
     """Token-mean NLL of the reference answers given their prompts (the held-out loss)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
+    batches = []
     for rec in records:
         enc = encode_messages(tokenizer, rec["messages"], template=tokenizer.chat_template)
-        batch = {"input_ids": torch.tensor([enc.input_ids], device=device),
-                 "labels": torch.tensor([enc.labels], device=device)}
-        logits, targets = target_logits(model, batch)
-        total += float(token_nll_sum(logits, targets))
-        count += targets.numel()
-    return total / max(1, count)
+        batches.append({"input_ids": torch.tensor([enc.input_ids]), "labels": torch.tensor([enc.labels])})
+    return mean_nll(model, batches)
 
 
-@torch.no_grad()
 def corpus_nll(model, tokenizer, lines: list[str], max_length: int = 256) -> float:
     """Token-mean NLL on plain-text lines (the forgetting probe)."""
-    device = next(model.parameters()).device
     rows = chunk_rows(token_stream(tokenizer, lines), max_length)
-    total, count = 0.0, 0
-    for s in range(0, rows.shape[0], 16):
-        x = rows[s:s + 16].to(device)
-        logits, targets = target_logits(model, {"input_ids": x, "labels": x})
-        total += float(token_nll_sum(logits, targets))
-        count += targets.numel()
-    return total / max(1, count)
+    return mean_nll(model, [{"input_ids": x, "labels": x} for x in rows.split(16)])
 
 
 def evaluate_skills(model, tokenizer, data_dir: str | Path, splits: tuple[str, ...] = SPLITS,

@@ -11,18 +11,11 @@ import random
 import sys
 import time
 
-import torch
-
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.text import chunk_rows, lm_batches, read_documents, token_stream
-from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
-from instructkit.losses import token_nll_sum
-from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, target_logits
-
-
-def lm_step(model, batch: dict) -> StepOutput:
-    logits, targets = target_logits(model, batch)
-    return StepOutput(token_nll_sum(logits, targets), int(targets.numel()))
+from instructkit.data.pipeline import as_list
+from instructkit.loop import LoopResult, nll_step, start_run, train_loop
+from instructkit.models import count_trainable, load_model, load_tokenizer, mean_nll, save_final
 
 
 def main(cfg: RunConfig) -> LoopResult:
@@ -30,12 +23,10 @@ def main(cfg: RunConfig) -> LoopResult:
 
     # --- setup: corpus -> token rows; a seeded slice of documents is held out for eval loss
     tokenizer = load_tokenizer(cfg.model)
-    files = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train)
-    docs = [d for f in files for d in read_documents(f)]
+    docs = [d for f in as_list(cfg.data.train) for d in read_documents(f)]
     eval_docs: list[str] = []
     if cfg.data.eval:
-        eval_files = [cfg.data.eval] if isinstance(cfg.data.eval, str) else list(cfg.data.eval)
-        eval_docs = [d for f in eval_files for d in read_documents(f)]
+        eval_docs = [d for f in as_list(cfg.data.eval) for d in read_documents(f)]
     elif cfg.data.eval_fraction > 0:
         idx = list(range(len(docs)))
         random.Random(cfg.seed).shuffle(idx)
@@ -57,19 +48,11 @@ def main(cfg: RunConfig) -> LoopResult:
           file=sys.stderr)
     dump_config(cfg, out_dir / "config.yaml")
 
-    @torch.no_grad()
-    def evaluate(m) -> dict[str, float]:
-        m.eval()
-        tot, n = 0.0, 0
-        for b in eval_batches:
-            out = lm_step(m, {k: v.to(device) for k, v in b.items()})
-            tot, n = tot + float(out.loss_sum), n + out.n_targets
-        return {"eval_loss": tot / max(1, n)}
-
     # --- train
     t0 = time.perf_counter()
-    result = train_loop(model=model, batches=source, micro_per_epoch=n_micro, loss_fn=lm_step,
-                        cfg=cfg.train, out_dir=out_dir, eval_fn=evaluate if eval_batches else None,
+    result = train_loop(model=model, batches=source, micro_per_epoch=n_micro, loss_fn=nll_step,
+                        cfg=cfg.train, out_dir=out_dir,
+                        eval_fn=(lambda m: {"eval_loss": mean_nll(m, eval_batches)}) if eval_batches else None,
                         device=device, run_config=cfg.model_dump(mode="json"), logging_cfg=cfg.logging)
     elapsed = time.perf_counter() - t0
     if result.status == "interrupted":

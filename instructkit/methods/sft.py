@@ -11,37 +11,10 @@ import json
 import sys
 import time
 
-import torch
-
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
-from instructkit.loop import LoopResult, StepOutput, count_targets, start_run, train_loop
-from instructkit.losses import token_nll_sum
-from instructkit.models import (count_trainable, load_model, load_tokenizer, save_final,
-                                target_logits)
-
-
-def sft_step(model, batch: dict) -> StepOutput:
-    """Summed NLL over the target (assistant) tokens of one micro-batch."""
-    logits, targets = target_logits(model, batch)
-    return StepOutput(token_nll_sum(logits, targets), int(targets.numel()))
-
-
-def make_eval_fn(batches: list[dict], device: torch.device):
-    """Token-weighted mean NLL over held-out micro-batches."""
-
-    @torch.no_grad()
-    def evaluate(model) -> dict[str, float]:
-        model.eval()
-        total, n = 0.0, 0
-        for b in batches:
-            b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
-            out = sft_step(model, b)
-            total += float(out.loss_sum)
-            n += out.n_targets
-        return {"eval_loss": total / max(1, n)}
-
-    return evaluate
+from instructkit.loop import LoopResult, count_targets, nll_step, start_run, train_loop
+from instructkit.models import count_trainable, load_model, load_tokenizer, mean_nll, save_final
 
 
 def main(cfg: RunConfig) -> LoopResult:
@@ -76,8 +49,8 @@ def main(cfg: RunConfig) -> LoopResult:
     # --- train: the shared loop
     t0 = time.perf_counter()
     result = train_loop(model=model, batches=plan.source, micro_per_epoch=plan.micro_per_epoch,
-                        loss_fn=sft_step, cfg=cfg.train, out_dir=out_dir,
-                        eval_fn=make_eval_fn(eval_batches, device) if eval_batches else None,
+                        loss_fn=nll_step, cfg=cfg.train, out_dir=out_dir,
+                        eval_fn=(lambda m: {"eval_loss": mean_nll(m, eval_batches)}) if eval_batches else None,
                         count_fn=count_targets, device=device, run_config=cfg.model_dump(mode="json"),
                         logging_cfg=cfg.logging)
     elapsed = time.perf_counter() - t0
