@@ -187,13 +187,14 @@ def cmd_data_stats(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from instructkit.tiny_model import build_tiny_model, count_parameters
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.models import count_trainable
+    from instructkit.tiny_model import build_tiny_model
 
     t0 = time.perf_counter()
     out = build_tiny_model(args.out, preset=args.preset, seed=args.seed)
-    from transformers import AutoModelForCausalLM
-
-    n = count_parameters(AutoModelForCausalLM.from_pretrained(out))
+    n = count_trainable(AutoModelForCausalLM.from_pretrained(out))[1]
     print(f"wrote {args.preset} model ({n:,} parameters) to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -250,40 +251,14 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------- eval
 
 
-def load_for_inference(model_dir: str, adapter: str | None = None, template: str | None = None):
-    """Model (+ optional LoRA adapter) and tokenizer for evaluation or chat, on the best device."""
-    from transformers import AutoModelForCausalLM
-
-    from instructkit.config import ModelConfig
-    from instructkit.data.templates import resolve_template
-    from instructkit.models import load_tokenizer, pick_device
-
-    device = pick_device()
-    source = adapter or model_dir
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=source))
-    if template:
-        tokenizer.chat_template = resolve_template(tokenizer, template)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(device)).to(device)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).to(device)
-    model.eval()
-    return model, tokenizer
-
-
-def torch_dtype(device):
-    import torch
-
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-
 def cmd_eval(args) -> int:
     from instructkit.evaluate.skills import (SPLITS, check_chat_template, evaluate_skills, require_splits,
                                              write_eval)
 
     splits = tuple(args.splits.split(",")) if args.splits else SPLITS
     require_splits(args.data, splits)
+    from instructkit.models import load_for_inference
+
     model, tokenizer = load_for_inference(args.model, args.adapter, args.template)
     check_chat_template(tokenizer, args.adapter or args.model)
     corpus = None

@@ -82,17 +82,13 @@ def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpus_lines: list[str],
                    base_dir: Path | None = None) -> dict:
     """Evaluate a full model folder, or an adapter folder on top of ``base_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from instructkit.evaluate.skills import evaluate_skills, write_eval
+    from instructkit.models import load_for_inference
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if base_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), model_dir)
+        model, tokenizer = load_for_inference(base_dir, adapter=model_dir)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model, tokenizer = load_for_inference(model_dir)
     metrics, samples = evaluate_skills(model, tokenizer, data_dir, limit=limit, corpus_lines=corpus_lines,
                                        max_new_tokens=48, batch_size=64)
     write_eval(out, metrics, samples)

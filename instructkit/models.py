@@ -115,6 +115,29 @@ def apply_lora(model, lora: LoraConfig, gradient_checkpointing: bool = False):
                          f"'all-linear' or names of its linear layers (e.g. q_proj, v_proj)") from None
 
 
+def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None, template: str | None = None):
+    """Model (+ optional LoRA adapter on top) and tokenizer for evaluation or chat, in eval mode.
+
+    The tokenizer comes from the adapter folder when given: instructkit saves the training chat
+    template there. ``template`` forces a built-in template for models that have none.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.data.templates import resolve_template
+
+    device = pick_device()
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter or model_dir)))
+    if template:
+        tokenizer.chat_template = resolve_template(tokenizer, template)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto", device)).to(device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).to(device)
+    model.eval()
+    return model, tokenizer
+
+
 def count_trainable(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

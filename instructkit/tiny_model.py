@@ -158,6 +158,3 @@ def build_tiny_model(out_dir: str | Path, preset: str = "nano", seed: int = 0,
     tokenizer.save_pretrained(out)
     return out
 
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())

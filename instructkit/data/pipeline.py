@@ -6,7 +6,6 @@ Shared by every method that trains on conversations. It imports no training code
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from instructkit.data.errors import DataError, SkipReport
 from instructkit.data.formats import load_examples
 from instructkit.data.packing import (collate_packed, collate_padded, pack_best_fit_decreasing,
                                       packing_efficiency)
-from instructkit.data.templates import BUILTIN_TEMPLATES, ensure_template_tokens, resolve_template
+from instructkit.data.templates import ensure_template_tokens, resolve_template
 
 
 def as_list(x: str | list[str] | None) -> list[str]:
@@ -44,11 +43,14 @@ class EncodedData:
     eval: list[EncodedExample]
     report: SkipReport
     template: str
-    n_truncated: int = 0
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(e.truncated for e in self.train + self.eval)
 
 
-def encode_records(records: list[dict], tokenizer, template: str, data_cfg, report: SkipReport,
-                   counters: dict | None = None) -> list[EncodedExample]:
+def encode_records(records: list[dict], tokenizer, template: str, data_cfg,
+                   report: SkipReport) -> list[EncodedExample]:
     """Encode canonical SFT records; too-long or target-less examples follow ``data.on_error``."""
     out = []
     for rec in records:
@@ -61,8 +63,6 @@ def encode_records(records: list[dict], tokenizer, template: str, data_cfg, repo
                 raise
             report.add(e)
             continue
-        if counters is not None and getattr(enc, "truncated", False):
-            counters["truncated"] = counters.get("truncated", 0) + 1
         out.append(enc)
     return out
 
@@ -78,9 +78,8 @@ def load_sft_data(data_cfg, tokenizer, template: str, seed: int) -> EncodedData:
                                on_error=data_cfg.on_error, kind="sft", report=report)
     eval_recs = load_examples(as_list(data_cfg.eval), format=data_cfg.format,
                               on_error=data_cfg.on_error, kind="sft", report=report) if data_cfg.eval else []
-    counters: dict = {}
-    train = encode_records(train_recs, tokenizer, template, data_cfg, report, counters)
-    evals = encode_records(eval_recs, tokenizer, template, data_cfg, report, counters)
+    train = encode_records(train_recs, tokenizer, template, data_cfg, report)
+    evals = encode_records(eval_recs, tokenizer, template, data_cfg, report)
     if not data_cfg.eval and data_cfg.eval_fraction > 0 and len(train) > 1:
         # A seeded permutation keeps the split identical across runs and resumes.
         idx = list(range(len(train)))
@@ -94,7 +93,7 @@ def load_sft_data(data_cfg, tokenizer, template: str, seed: int) -> EncodedData:
                         f"no usable training examples ({report.summary()})",
                         "fix the records listed above or point data.train at the right file",
                         reason="empty")
-    return EncodedData(train, evals, report, template, counters.get("truncated", 0))
+    return EncodedData(train, evals, report, template)
 
 
 @dataclass
@@ -144,10 +143,3 @@ def plan_batches(examples: list[EncodedExample], *, packing: bool, micro_batch_s
     n_micro = (len(units) + micro_batch_size - 1) // micro_batch_size
     return BatchPlan(source, n_micro, eff, len(units))
 
-
-def print_summary_line(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-__all__ = ["BUILTIN_TEMPLATES", "EncodedData", "BatchPlan", "load_sft_data", "plan_batches",
-           "prepare_template", "encode_records"]
