@@ -48,6 +48,20 @@ class LoraConfig(_Section):
     merge_on_save: bool = Field(False, description="Also write the merged model to final/merged.")
 
 
+class CurateConfig(_Section):
+    """``data.curate``: clean the training records before encoding (see instructkit.curate)."""
+
+    dedup: bool = Field(True, description="Remove exact (normalised text) and near duplicates.")
+    near_dup_threshold: float | None = Field(0.8, gt=0, le=1, description="MinHash Jaccard for near "
+                                             "duplicates; null = exact duplicates only.")
+    decontaminate_against: list[str] = Field(default_factory=list, description="Evaluation files whose "
+                                             "text must not appear in training records.")
+    ngram: int | None = Field(None, gt=0, description="n-gram size; null = 8 for short, 13 for long "
+                              "evaluation texts.")
+    contamination_threshold: float = Field(0.3, gt=0, le=1, description="Remove a record holding this "
+                                           "fraction of an evaluation text's n-grams.")
+
+
 class DataConfig(_Section):
     """Where the data comes from and how it becomes token batches."""
 
@@ -65,6 +79,7 @@ class DataConfig(_Section):
     packing: bool = True
     on_error: Literal["raise", "skip"] = "raise"
     shuffle: bool = True
+    curate: CurateConfig | None = Field(None, description="Dedup/decontaminate train records first.")
 
 
 class TrainConfig(_Section):
@@ -92,6 +107,34 @@ class TrainConfig(_Section):
     progress: bool = True
 
 
+class PreferenceConfig(_Section):
+    """Settings of the preference methods (dpo, simpo, orpo, kto) and reward models."""
+
+    beta: float | None = Field(None, gt=0, description="Strength of the preference term; default 0.1 "
+                               "(dpo, kto) or 2.0 (simpo).")
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo only: sigmoid (DPO; cDPO with label_smoothing), robust, ipo, hinge.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label-flip rate (cDPO, "
+                                   "robust DPO, SimPO).")
+    ipo_normalize: bool = Field(True, description="IPO on mean per-token log-ratios (as TRL); false = sums "
+                                "(as the paper).")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma.")
+    orpo_lambda: float = Field(0.1, ge=0.0, description="Weight of ORPO's odds-ratio term.")
+    kto_desirable_weight: float = Field(1.0, gt=0.0, description="KTO lambda_D.")
+    kto_undesirable_weight: float = Field(1.0, gt=0.0, description="KTO lambda_U.")
+    reward_margin: float = Field(0.0, description="Reward model: chosen must beat rejected by this much.")
+    center_rewards: float = Field(0.0, ge=0.0, description="Reward model: weight of the (r_w + r_l)^2 "
+                                  "centring term.")
+    reference: Literal["precompute", "live"] = Field(
+        "precompute", description="precompute = reference log-probs computed once and cached on disk; "
+        "live = adapter-disabled base (LoRA) or a frozen copy.")
+    reference_cache: str = Field(".cache/instructkit/reference", description="Folder of cached "
+                                 "reference log-probs, keyed by model, data and template.")
+    truncation: Literal["keep_end", "right", "error"] = Field(
+        "keep_end", description="Too-long pairs: keep_end keeps the prompt's end and the responses' "
+        "starts; right cuts the end; error stops.")
+
+
 class LoggingConfig(_Section):
     tensorboard: bool = False
     wandb: bool = False
@@ -101,13 +144,14 @@ class LoggingConfig(_Section):
 class RunConfig(_Section):
     """A whole run. ``method`` picks the recipe in ``instructkit.methods``."""
 
-    method: Literal["sft", "pretrain"] = "sft"
+    method: Literal["sft", "pretrain", "dpo", "simpo", "orpo", "kto", "reward"] = "sft"
     seed: int = 0
     output_dir: str = "runs/run"
     model: ModelConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("output_dir")
@@ -126,7 +170,7 @@ class RunConfig(_Section):
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
-    "logging": LoggingConfig,
+    "preference": PreferenceConfig, "logging": LoggingConfig, "curate": CurateConfig,
 }
 
 
@@ -141,7 +185,10 @@ KNOWN_SYNONYMS = {
     "logging_steps": "log_every", "save_steps": "save_every", "eval_steps": "eval_every",
     "save_total_limit": "keep_last", "lr_scheduler_type": "schedule", "torch_dtype": "dtype",
     "resume_from_checkpoint": "resume", "dataset": "train", "train_file": "train",
-    "chat_template": "template", "adam_epsilon": "eps",
+    "chat_template": "template", "adam_epsilon": "eps", "lambda": "orpo_lambda",
+    "gamma": "simpo_gamma", "simpo_gamma_beta_ratio": "simpo_gamma", "desirable_weight": "kto_desirable_weight",
+    "undesirable_weight": "kto_undesirable_weight", "center_rewards_coefficient": "center_rewards",
+    "precompute_ref_log_probs": "reference", "truncation_mode": "truncation",
 }
 
 

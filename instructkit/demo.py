@@ -79,6 +79,27 @@ def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs
     return out / f"sft-{name}" / "final"
 
 
+PREFERENCE_STAGES = ("dpo", "orpo", "reward")
+
+
+def preference_run(method: str, start: Path, data_dir: Path, out: Path, seed: int, epochs: float = 1.0) -> Path:
+    """DPO / ORPO from the SFT model, or a reward model on the same backbone, on the curriculum's pairs."""
+    from instructkit.config import load_config
+    from instructkit.methods import preference, reward
+
+    raw = {
+        "method": method, "seed": seed, "output_dir": str(out / method),
+        "model": {"name_or_path": str(start)},
+        "data": {"train": str(data_dir / "preference.jsonl"), "eval": str(data_dir / "preference_validation.jsonl"),
+                 "max_length": 256},
+        "train": {"epochs": epochs, "micro_batch_size": 4, "lr": {"dpo": 2e-4, "orpo": 2e-4, "reward": 1e-3}[method],
+                  "warmup_ratio": 0.05, "schedule": "cosine", "eval_every": 100, "save_every": 200},
+        "preference": {"beta": 0.1, "orpo_lambda": 0.5, "reference_cache": str(out / "reference-cache")},
+    }
+    (reward if method == "reward" else preference).main(load_config(raw=raw))
+    return out / method / "final"
+
+
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpus_lines: list[str],
                    base_dir: Path | None = None) -> dict:
     """Evaluate a full model folder, or an adapter folder on top of ``base_dir``."""
@@ -97,19 +118,24 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
 
 def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instructkit", quick: bool = False,
              seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 3.0,
-             n_train: int = 6000, n_corpus: int = 30000) -> dict:
+             n_train: int = 6000, n_corpus: int = 30000, with_stages: tuple[str, ...] = ()) -> dict:
     """Run every stage and return ``{"results", "times", "base", "quick", "limit"}``.
 
     ``preset``, ``n_train``, ``n_corpus`` and ``sft_epochs`` exist so tests can run the whole
-    pipeline at a miniature scale; the defaults are the demo's.
+    pipeline at a miniature scale; the defaults are the demo's. ``with_stages`` adds optional stages
+    after SFT: ``dpo`` and ``orpo`` (from the full SFT model, on the curriculum's preference pairs,
+    evaluated like the others) and ``reward`` (a reward model; its held-out pairwise accuracy).
     """
+    unknown = [s for s in with_stages if s not in PREFERENCE_STAGES]
+    if unknown:
+        raise ValueError(f"unknown demo stage(s) {unknown}; choose from {', '.join(PREFERENCE_STAGES)}")
     from instructkit.synth.skills import write_skills
 
     t_start = time.perf_counter()
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    n_stages = 6
+    n_stages = 6 + len(with_stages)
     limit = limit or (20 if quick else 40)
     if quick:  # the --quick budget (3 minutes with a cached base): one epoch of tuning
         sft_epochs = min(sft_epochs, 1.0)
@@ -153,7 +179,21 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     results["sft-full"] = evaluate_model(full, data_dir, out / "eval-sft-full", limit, probe)
     results["sft-lora"] = evaluate_model(lora, data_dir, out / "eval-sft-lora", limit, probe, base_dir=base)
     times["eval tuned"] = time.perf_counter() - t
+
+    preference_summary = {}
+    for i, method in enumerate(with_stages):
+        _stage(7 + i, n_stages, f"{method.upper()} from the full SFT model" if method != "reward"
+               else "reward model on the preference pairs")
+        t = time.perf_counter()
+        final = preference_run(method, full, data_dir, out, seed)
+        run_summary = json.loads((out / method / "summary.json").read_text())
+        preference_summary[method] = {k: v for k, v in run_summary["final_metrics"].items()
+                                      if k.startswith("eval_") or k == "loss"}
+        if method != "reward":
+            results[method] = evaluate_model(final, data_dir, out / f"eval-{method}", limit, probe)
+        times[method] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
-    summary = {"results": results, "times": times, "base": str(base), "quick": quick, "limit": limit}
+    summary = {"results": results, "times": times, "base": str(base), "quick": quick, "limit": limit,
+               "preference": preference_summary}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -9,9 +9,15 @@ model (temperature 1, before top-k/top-p) and why it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+# on_token(prompt_index, token_id) is called for every generated token; returning True ends that
+# sequence there (finish_reason "length" unless it stopped anyway). Used for streaming, per-request
+# token limits inside a shared batch, and cancelling a sequence whose client went away.
+TokenCallback = Callable[[int, int], "bool | None"]
 
 
 @dataclass
@@ -76,6 +82,39 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Ids that end an assistant turn under the tokenizer's chat template, plus its eos id.
+
+    Found by rendering a probe reply and reading the special token the template puts right after
+    it (``<|im_end|>``, ``<|eot_id|>``, ``</s>``...), so models whose end of turn differs from eos
+    (Llama 3 instruct formats) stop where training taught them to.
+    """
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    mark = "\u2063probe\u2063"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that rejects the probe just gives no extra ids
+        return ids
+    if not isinstance(text, str) or mark not in text:
+        return ids
+    after = tokenizer.encode(text.split(mark, 1)[1], add_special_tokens=False)[:1]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                 if getattr(t, "special", False)}
+    if after and after[0] in special:
+        ids.add(int(after[0]))
+    return ids
+
+
+def add_end_of_turn_stops(model, tokenizer) -> set[int]:
+    """Make ``model.generation_config`` stop on the template's end of turn (in memory); returns all stops."""
+    gen_cfg = getattr(model, "generation_config", None)
+    stops = stop_token_ids(tokenizer, model) | end_of_turn_ids(tokenizer)
+    if gen_cfg is not None:
+        gen_cfg.eos_token_id = sorted(stops) if len(stops) > 1 else next(iter(stops), None)
+    return stops
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -97,7 +136,7 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfig | None = None,
-             batch_size: int = 16) -> list[Generation]:
+             batch_size: int = 16, on_token: TokenCallback | None = None) -> list[Generation]:
     """Generate a continuation for each prompt.
 
     Args:
@@ -107,6 +146,9 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfi
         sampling: Sampling settings; greedy with 128 new tokens when None.
         batch_size: Prompts per forward pass. Prompts are sorted by length first so each batch
             wastes little padding; results come back in the input order.
+        on_token: Optional ``on_token(prompt_index, token_id)`` called as each token is picked (the
+            end-of-turn id included); returning True ends that sequence (see ``TokenCallback``).
+            :class:`StreamDecoder` turns the ids into text deltas.
 
     Returns:
         One :class:`Generation` per prompt, in order.
@@ -126,15 +168,17 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfi
     results: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        row_cb = None if on_token is None else (lambda r, tok, idx=idx: on_token(idx[r], tok))
         for i, g in zip(idx, _generate_batch(model, tokenizer, [prompts[i] for i in idx], sampling,
-                                             stops, pad_id, device, gen)):
+                                             stops, pad_id, device, gen, row_cb)):
             results[i] = g
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
 
 
-def _generate_batch(model, tokenizer, prompts, sampling, stops, pad_id, device, gen) -> list[Generation]:
+def _generate_batch(model, tokenizer, prompts, sampling, stops, pad_id, device, gen,
+                    on_token=None) -> list[Generation]:
     n, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((n, width), dtype=torch.long, device=device)
@@ -173,6 +217,8 @@ def _generate_batch(model, tokenizer, prompts, sampling, stops, pad_id, device, 
                 tail = tokenizer.decode(tokens[r][-32:], skip_special_tokens=True)
                 if any(s in tail for s in stop_strings):
                     done[r], reason[r] = True, "stop"
+            if on_token is not None and on_token(r, tok) and not done[r]:
+                done[r] = True  # the caller ended it (its own token limit, or nobody is listening)
         if all(done):
             break
         # Finished rows keep decoding a pad token (their output is ignored) so the batch stays
@@ -189,3 +235,53 @@ def _generate_batch(model, tokenizer, prompts, sampling, stops, pad_id, device, 
         text, hit = _cut_at_stop(text, stop_strings)
         results.append(Generation(tokens[r], text, logps[r], "stop" if hit else reason[r]))
     return results
+
+
+class StreamDecoder:
+    """Turns one sequence's token ids, as they arrive, into text deltas for streaming.
+
+    The deltas add up to exactly the ``Generation.text`` that :func:`generate` returns: special
+    tokens are skipped, text from a stop string on is never shown, and text that could still become
+    a stop string (a suffix equal to a stop string's prefix) or an incomplete UTF-8 character is
+    held back until the next token settles it.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def _text(self) -> tuple[str, bool]:
+        return _cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop)
+
+    def _emit(self, safe: str) -> str:
+        # Re-decoding can in principle rewrite earlier characters (a tokenizer's clean-up rules);
+        # what was sent cannot be taken back, so such a change waits for a stable prefix.
+        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+            return ""
+        delta, self.sent = safe[len(self.sent):], safe
+        return delta
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that is now certain (possibly empty)."""
+        if self.stopped:
+            return ""
+        self.ids.append(int(token_id))
+        text, hit = self._text()
+        if hit:
+            self.stopped = True
+            return self._emit(text)
+        safe = text.rstrip("\ufffd")  # an incomplete multi-byte character decodes as U+FFFD
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(safe)), hold, -1):
+                if safe.endswith(s[:k]):
+                    hold = k
+                    break
+        return self._emit(safe[:len(safe) - hold])
+
+    def finish(self) -> str:
+        """The held-back rest, once the sequence has ended."""
+        return self._emit(self._text()[0])

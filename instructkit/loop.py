@@ -352,6 +352,7 @@ def train_loop(
     device: torch.device | None = None,
     run_config: dict | None = None,
     logging_cfg: Any = None,
+    unit: str = "target_tokens",
 ) -> LoopResult:
     """Run optimisation to the end (or to a signal), with exact resume from ``out_dir/checkpoints``.
 
@@ -370,6 +371,7 @@ def train_loop(
         device: Where to run; batches are moved there.
         run_config: Resolved config, passed to W&B.
         logging_cfg: The ``logging`` section (TensorBoard / W&B switches).
+        unit: What ``count_fn`` counts, for the throughput metric ``{unit}_per_s`` (e.g. ``pairs``).
 
     Returns:
         A LoopResult. ``status == "interrupted"`` when a signal stopped the run after saving.
@@ -473,7 +475,7 @@ def train_loop(
                     now = time.perf_counter()
                     record = {"step": step_no, "epoch": round(epoch + (gi + 1) / len(groups), 4),
                               "loss": loss, "lr": lr, "grad_norm": gnorm,
-                              "target_tokens_per_s": n_global / max(1e-9, now - step_t0),
+                              f"{unit}_per_s": n_global / max(1e-9, now - step_t0),
                               "tokens_seen": state["tokens_seen"]}
                     for k, v in metric_sums.items():
                         record[k] = v / max(1, n_global)

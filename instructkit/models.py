@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from instructkit.config import LoraConfig, ModelConfig
-from instructkit.losses import token_nll_sum
+from instructkit.losses import sequence_logprob_sums, token_logprobs, token_nll_sum
 
 
 class ModelError(RuntimeError):
@@ -51,7 +51,8 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_tokens: int | None = None):
+def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_tokens: int | None = None,
+               reward_head: bool = False, pad_token_id: int | None = None):
     """Load the causal LM (dequantised or 4-bit for QLoRA), optionally wrap it with LoRA adapters.
 
     Args:
@@ -60,8 +61,11 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_token
         device: Target device.
         n_tokens: If given and larger than the embedding table (tokens added for a template),
             the embeddings are resized.
+        reward_head: Load the backbone with a scalar sequence-classification head (a reward model:
+            ``AutoModelForSequenceClassification``, ``num_labels=1``) instead of the LM head.
+        pad_token_id: Written into the config (sequence-classification models need one).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
@@ -80,10 +84,14 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_token
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": device.index or 0}
+    if reward_head:
+        kwargs.update(num_labels=1, pad_token_id=pad_token_id)
+    auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        model = auto.from_pretrained(cfg.name_or_path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a causal LM from '{cfg.name_or_path}': {e}") from None
+        raise ModelError(f"cannot load a {'reward model backbone' if reward_head else 'causal LM'} from "
+                         f"'{cfg.name_or_path}': {e}") from None
     if n_tokens is not None and n_tokens > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n_tokens)
     if not lora.quantize_4bit:
@@ -92,11 +100,12 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_token
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora.enabled:
-        model = apply_lora(model, lora, gradient_checkpointing=cfg.gradient_checkpointing)
+        model = apply_lora(model, lora, gradient_checkpointing=cfg.gradient_checkpointing,
+                           task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")
     return model
 
 
-def apply_lora(model, lora: LoraConfig, gradient_checkpointing: bool = False):
+def apply_lora(model, lora: LoraConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if lora.quantize_4bit:
@@ -107,7 +116,7 @@ def apply_lora(model, lora: LoraConfig, gradient_checkpointing: bool = False):
         model.enable_input_require_grads()
     targets = lora.target_modules
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                              target_modules=targets, bias="none", task_type=task_type)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
@@ -186,6 +195,73 @@ def nll_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over the batch's target tokens, and how many there are."""
     logits, targets = target_logits(model, batch)
     return token_nll_sum(logits, targets), int(targets.numel())
+
+
+def _unit_positions(batch: dict, seq_ids: torch.Tensor) -> torch.Tensor:
+    """Map global sequence ids to columns of a (P, 2) per-unit table (``2u`` -> 0, ``2u + 1`` -> 1)."""
+    units = batch["units"].to(seq_ids.device)
+    wanted = torch.stack([2 * units, 2 * units + 1], dim=1).flatten()  # (2P,)
+    order = torch.argsort(wanted)
+    slot = torch.searchsorted(wanted[order], seq_ids)
+    found = wanted[order][slot.clamp(max=wanted.numel() - 1)]
+    if not torch.equal(found, seq_ids):
+        raise ValueError("the batch holds sequences of units not listed in batch['units']")
+    return order[slot]
+
+
+def unit_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probabilities of both sequences of every unit in a pair batch.
+
+    Log-probabilities are computed only at target positions and chunk by chunk (see
+    :func:`instructkit.losses.token_logprobs`), never as a full-vocabulary log-softmax of the batch.
+
+    Args:
+        model: Causal LM (optionally peft-wrapped).
+        batch: A batch from :mod:`instructkit.data.pairs` (``units``, global ``example_index``).
+
+    Returns:
+        ``(sums, counts)``, both (P, 2): column 0 the first sequence (chosen / completion), column 1
+        the second (rejected / mismatched completion); counts are response token counts.
+    """
+    logits, targets = target_logits(model, batch)
+    select = batch["labels"][:, 1:] != -100
+    seq_ids = batch["example_index"][:, 1:][select]
+    cols = _unit_positions(batch, seq_ids)
+    n = 2 * batch["units"].numel()
+    sums = sequence_logprob_sums(token_logprobs(logits, targets), cols, n).view(-1, 2)
+    counts = torch.zeros(n, dtype=torch.float32, device=sums.device).index_add(
+        0, cols, torch.ones_like(cols, dtype=torch.float32)).view(-1, 2)
+    return sums, counts
+
+
+def last_token_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar scores of every sequence in a batch from a sequence-classification (reward) model.
+
+    The score head reads the hidden state of each sequence's last token (found from
+    ``example_index``), which works for padded and packed rows alike; Hugging Face's own pooling
+    handles only right padding with a distinct pad id.
+
+    Returns:
+        ``(seq_ids, scores)``: the ``example_index`` value of each sequence and its float32 score.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and "flash" in str(getattr(base.config, "_attn_implementation", "")):
+        mask = None
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
+                                position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    idx = batch["example_index"]
+    nxt = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)
+    last = (idx >= 0) & (idx != nxt)  # the last position of each sequence
+    return idx[last], base.score(hidden[last]).float().squeeze(-1)
+
+
+def unit_rewards(model, batch: dict) -> torch.Tensor:
+    """Rewards (P, 2) of both sequences of every unit in a pair batch (see :func:`last_token_scores`)."""
+    seq_ids, scores = last_token_scores(model, batch)
+    cols = _unit_positions(batch, seq_ids)
+    out = torch.zeros(2 * batch["units"].numel(), dtype=scores.dtype, device=scores.device)
+    return out.index_put((cols,), scores).view(-1, 2)
 
 
 @torch.no_grad()

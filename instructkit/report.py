@@ -109,8 +109,22 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
         base_nll = results[models[0]]["corpus_nll"]
         md.append("| plain-text corpus NLL (forgetting probe) | " + " | ".join(
             f"{results[m]['corpus_nll']:.3f} ({results[m]['corpus_nll'] - base_nll:+.3f})" for m in models) + " |")
-    md += ["", "![accuracy](accuracy.png)", "", "![loss curves](loss_curves.png)", "",
-           "## Accuracy per family", ""]
+    md += ["", "![accuracy](accuracy.png)", "", "![loss curves](loss_curves.png)", ""]
+    pref = summary.get("preference") or {}
+    if pref:
+        md += ["## Preference stages (held-out preference pairs)", "",
+               "DPO and ORPO start from the full SFT model and train on the curriculum's preference pairs "
+               "(verified answer vs a realistic mistake); the reward model is the SFT model's backbone with a "
+               "scalar head. Accuracy here is the share of held-out pairs where the chosen reply wins (implicit "
+               "reward for DPO/ORPO, the head's score for the reward model); task accuracy is in the tables above.",
+               "", "| stage | final train loss | held-out pair loss | held-out pair accuracy | held-out margin |",
+               "|---|---:|---:|---:|---:|"]
+        for name, m in pref.items():
+            md.append(f"| {name} | {m.get('loss', float('nan')):.4f} | {m.get('eval_loss', float('nan')):.4f} | "
+                      f"{m.get('eval_accuracy', float('nan')):.1%} | "
+                      f"{m.get('eval_reward_margin', float('nan')):.3f} |")
+        md.append("")
+    md += ["## Accuracy per family", ""]
     fam_split = ["validation", "heldout_phrasing", "heldout_family"]
     md.append("| split | family | " + " | ".join(models) + " |")
     md.append("|---|---|" + "---:|" * len(models))

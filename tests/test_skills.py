@@ -175,21 +175,24 @@ def test_records_load_with_instructkit_loader(written):
 
 def test_preference_pairs(written):
     out, splits = written
-    prefs = read_jsonl(out / "preference.jsonl")
-    assert len(prefs) == len(splits["train"]) + len(splits["validation"])
-    assert {p["split"] for p in prefs} == {"train", "validation"}
+    train, held = read_jsonl(out / "preference.jsonl"), read_jsonl(out / "preference_validation.jsonl")
+    assert len(train) == len(splits["train"]) and len(held) == len(splits["validation"])
+    assert {p["split"] for p in train} == {"train"} and {p["split"] for p in held} == {"validation"}
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in held}
+    prefs = train + held
     for p in prefs:
         assert p["chosen"] != p["rejected"]
         assert verify_response(p, p["chosen"]), p
         assert not verify_response(p, p["rejected"]), p
-    assert len(load_examples([out / "preference.jsonl"], kind="preference")) == len(prefs)
+    assert len(load_examples([out / "preference.jsonl", out / "preference_validation.jsonl"],
+                             kind="preference")) == len(prefs)
 
 
 def test_deterministic_for_a_seed(tmp_path, written):
     out, _ = written
     again = write_skills(tmp_path / "again", seed=0, **SMALL)
     names = ["train.jsonl", "validation.jsonl", "heldout_phrasing.jsonl", "heldout_family.jsonl",
-             "corpus.txt", "preference.jsonl", "manifest.json"]
+             "corpus.txt", "preference.jsonl", "preference_validation.jsonl", "manifest.json"]
     for name in names:
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
     other = write_skills(tmp_path / "other", seed=1, **SMALL)

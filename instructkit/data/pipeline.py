@@ -76,6 +76,10 @@ def load_sft_data(data_cfg, tokenizer, template: str, seed: int) -> EncodedData:
     report = SkipReport()
     train_recs = load_examples(as_list(data_cfg.train), format=data_cfg.format,
                                on_error=data_cfg.on_error, kind="sft", report=report)
+    if getattr(data_cfg, "curate", None) is not None:
+        from instructkit.curate.apply import curate_records  # removals go to report (skipped.json)
+
+        train_recs = curate_records(train_recs, data_cfg.curate, report)
     eval_recs = load_examples(as_list(data_cfg.eval), format=data_cfg.format,
                               on_error=data_cfg.on_error, kind="sft", report=report) if data_cfg.eval else []
     train = encode_records(train_recs, tokenizer, template, data_cfg, report)

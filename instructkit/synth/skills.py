@@ -10,7 +10,8 @@ statement of the same fact and a realistic wrong answer. From them :func:`write_
 * ``heldout_family.jsonl``: whole families that tuning never sees (their facts are in the corpus,
   so a model can only answer them by turning knowledge into instruction following);
 * ``corpus.txt``: one plain statement per line for every family, with no instruction format;
-* ``preference.jsonl``: chosen (verified) vs rejected (realistically wrong) replies;
+* ``preference.jsonl`` / ``preference_validation.jsonl``: chosen (verified) vs rejected
+  (realistically wrong) replies on train / validation instances;
 * ``manifest.json``: seed, counts, held-out families and phrasings.
 
 No (family, inputs) pair occurs in two splits, and the corpus never states an evaluation instance,
@@ -601,7 +602,8 @@ def _counts(instances: list[SkillInstance]) -> dict[str, int]:
 def write_skills(out_dir: str | Path, seed: int = 0, n_train: int = 6000, n_val: int | None = None,
                  n_heldout_phrasing: int | None = None, n_heldout_family: int | None = None,
                  n_corpus: int = 30000, heldout_families: list[str] | None = None) -> Path:
-    """Write the curriculum: four JSONL splits, ``corpus.txt``, ``preference.jsonl``, ``manifest.json``.
+    """Write the curriculum: four JSONL splits, ``corpus.txt``, ``preference.jsonl`` (pairs on train
+    instances), ``preference_validation.jsonl`` (pairs on validation instances), ``manifest.json``.
 
     Args:
         out_dir: Folder to write to (created if needed).
@@ -622,7 +624,9 @@ def write_skills(out_dir: str | Path, seed: int = 0, n_train: int = 6000, n_val:
     corpus = make_corpus(seed, n_corpus, exclude=evaluation)
     (out / "corpus.txt").write_text("".join(line + "\n" for _, line in corpus), encoding="utf-8")
     preferences = make_preferences(splits, seed)
-    _write_jsonl(out / "preference.jsonl", preferences)
+    # Pairs on training instances are for tuning; pairs on validation instances are held out.
+    _write_jsonl(out / "preference.jsonl", [p for p in preferences if p["split"] == "train"])
+    _write_jsonl(out / "preference_validation.jsonl", [p for p in preferences if p["split"] == "validation"])
     corpus_counts: dict[str, int] = {}
     for name, _ in corpus:
         corpus_counts[name] = corpus_counts.get(name, 0) + 1
@@ -631,7 +635,9 @@ def write_skills(out_dir: str | Path, seed: int = 0, n_train: int = 6000, n_val:
         "generator": "instructkit.synth.skills", "seed": seed,
         # The corpus can come out shorter than asked when a family is nearly all evaluation data.
         "sizes": {**{s: len(splits[s]) for s in SPLITS}, "corpus": len(corpus),
-                  "corpus_requested": n_corpus, "preference": len(preferences)},
+                  "corpus_requested": n_corpus,
+                  "preference": sum(p["split"] == "train" for p in preferences),
+                  "preference_validation": sum(p["split"] == "validation" for p in preferences)},
         "counts": {s: _counts(splits[s]) for s in SPLITS},
         "corpus_counts": dict(sorted(corpus_counts.items())),
         "heldout_families": held,

@@ -1,0 +1,91 @@
+"""Reward model: a causal-LM backbone with a scalar head trained with a Bradley-Terry loss, top to bottom.
+
+setup: tokenizer and template, preference pairs (same encoding and batching as DPO), and the
+       backbone loaded as a Hugging Face sequence-classification model (``num_labels=1``, pad token set)
+train: the shared loop; per pair ``-log sigmoid(r_chosen - r_rejected - margin)`` (+ optional centring)
+save:  final/ loadable with ``AutoModelForSequenceClassification``; ``instructkit score`` uses it
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from instructkit.config import RunConfig, dump_config
+from instructkit.data.pairs import count_units, load_pair_data, plan_pair_batches
+from instructkit.data.pipeline import prepare_template
+from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
+from instructkit.losses import bradley_terry_loss
+from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, unit_rewards
+
+
+def main(cfg: RunConfig) -> LoopResult:
+    out_dir, device = start_run(cfg.output_dir, cfg.seed)
+    p = cfg.preference
+
+    # --- setup
+    tokenizer = load_tokenizer(cfg.model)
+    template, n_added = prepare_template(tokenizer, cfg.data)
+    data = load_pair_data(cfg.data, tokenizer, template, cfg.seed, truncation=p.truncation)
+    data.report.save(out_dir / "skipped.json")
+    if len(data.report):
+        print(data.report.summary(), file=sys.stderr)
+    common = dict(packing=cfg.data.packing, micro_batch_size=cfg.train.micro_batch_size,
+                  max_length=cfg.data.max_length, pad_id=tokenizer.pad_token_id, seed=cfg.seed)
+    plan = plan_pair_batches(data, split="train", shuffle=cfg.data.shuffle, **common)
+    eval_batches = plan_pair_batches(data, split="eval", shuffle=False, **common).source(0) if data.n_eval else []
+    print(f"data: {data.n_train} train / {data.n_eval} eval pairs, {data.n_truncated} truncated, "
+          f"{len(data.report)} skipped", file=sys.stderr)
+    model = load_model(cfg.model, cfg.lora, device, n_tokens=len(tokenizer) if n_added else None,
+                       reward_head=True, pad_token_id=tokenizer.pad_token_id)
+    trainable, total = count_trainable(model)
+    print(f"reward model: {cfg.model.name_or_path} backbone + scalar head on {device}, {trainable:,} of "
+          f"{total:,} parameters trainable", file=sys.stderr)
+    dump_config(cfg, out_dir / "config.yaml")
+
+    def loss_fn(m, batch) -> StepOutput:
+        r = unit_rewards(m, batch)
+        loss = bradley_terry_loss(r[:, 0], r[:, 1], p.reward_margin or None, p.center_rewards)
+        rc, rr = r[:, 0].detach(), r[:, 1].detach()
+        return StepOutput(loss.sum(), int(loss.numel()),
+                          {"accuracy": float((rc > rr).float().mean()), "reward_chosen": float(rc.mean()),
+                           "reward_rejected": float(rr.mean()), "reward_margin": float((rc - rr).mean())})
+
+    @torch.no_grad()
+    def evaluate(m) -> dict[str, float]:
+        m.eval()
+        n, sums = 0, {"loss": 0.0, "accuracy": 0.0, "reward_margin": 0.0}
+        for b in eval_batches:
+            out = loss_fn(m, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()})
+            n += out.n_targets
+            sums["loss"] += float(out.loss_sum)
+            sums["accuracy"] += out.metrics["accuracy"] * out.n_targets
+            sums["reward_margin"] += out.metrics["reward_margin"] * out.n_targets
+        return {f"eval_{k}": v / max(1, n) for k, v in sums.items()}
+
+    # --- train
+    t0 = time.perf_counter()
+    result = train_loop(model=model, batches=plan.source, micro_per_epoch=plan.micro_per_epoch, loss_fn=loss_fn,
+                        cfg=cfg.train, out_dir=out_dir, eval_fn=evaluate if eval_batches else None,
+                        count_fn=count_units, device=device, run_config=cfg.model_dump(mode="json"),
+                        logging_cfg=cfg.logging, unit="pairs")
+    elapsed = time.perf_counter() - t0
+
+    # --- save
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.global_step}; checkpoint {result.last_checkpoint}. "
+              f"Resume with: instructkit train {out_dir / 'config.yaml'} --resume", file=sys.stderr)
+        return result
+    info = {"method": "reward", "base_model": cfg.model.name_or_path, "lora": cfg.lora.enabled,
+            "steps": result.global_step, "train_pairs": data.n_train, "skipped": len(data.report),
+            "seconds": round(elapsed, 2), "final_metrics": result.final_metrics}
+    final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
+    (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    fm = result.final_metrics
+    acc = f", eval pairwise accuracy {fm['eval_accuracy']:.1%}" if "eval_accuracy" in fm else ""
+    print(f"done: {result.global_step} steps in {elapsed:.1f}s, final loss {fm.get('loss', float('nan')):.4f}"
+          f"{acc}; saved {final}", file=sys.stderr)
+    return result
