@@ -1,0 +1,304 @@
+"""What online RL methods (GRPO, PPO) share: prompts, rewards, sampling completions, the reference,
+per-token log-probs of completions, rollout telemetry and alarms.
+
+A *rollout* is a list of prompts answered by the current policy. Its completions become right-padded
+micro-batches: ``input_ids``/``labels`` (prompt + completion, labels only on completion tokens, the
+layout of :func:`instructkit.models.target_logits`) plus ``completion_mask`` (B, T), 1 on each row's
+completion tokens, so per-token quantities live in (B, T) tensors aligned with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import random
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from instructkit.config import ConfigError, RunConfig
+from instructkit.data.encode import EncodedExample, encode_prompt
+from instructkit.data.errors import DataError
+from instructkit.data.packing import collate_padded
+from instructkit.distributed import is_main_process
+from instructkit.generate import Generation, SamplingConfig, generate
+from instructkit.losses import token_logprobs
+from instructkit.models import target_logits
+
+# reward(records, prompt_messages, completion_texts) -> one float per completion
+RewardFn = Callable[[list[dict], list[list[dict]], list[str]], list[float]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+
+def prompt_messages(record: dict, file: str, line: int) -> list[dict]:
+    """The conversation to answer: ``messages`` without its final assistant turns, or ``prompt`` as a user turn."""
+    if isinstance(record.get("messages"), list) and record["messages"]:
+        msgs = list(record["messages"])
+        while msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            msgs.pop()
+        if msgs:
+            return msgs
+        raise DataError(file, line, "messages", "holds only assistant turns, so there is no prompt",
+                        "end the conversation with a user turn", reason="no_prompt")
+    if isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        return [{"role": "user", "content": record["prompt"]}]
+    raise DataError(file, line, None, "has neither a 'messages' list nor a 'prompt' string",
+                    "give each record messages (OpenAI style) or a prompt", reason="missing_field")
+
+
+@dataclass
+class Prompts:
+    records: list[dict]
+    messages: list[list[dict]]
+    ids: list[list[int]]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def head(self, n: int) -> "Prompts":
+        return Prompts(self.records[:n], self.messages[:n], self.ids[:n], self.skipped)
+
+
+def load_prompts(files: list[str], tokenizer, template: str, limit: int, on_error: str,
+                 check: Callable[[dict, str, int], None] | None = None) -> Prompts:
+    """Records of JSONL files and their encoded prompts.
+
+    Prompts longer than ``limit`` tokens, and records the reward cannot score (``check``), are errors,
+    or with ``on_error: skip`` skipped and counted.
+    """
+    out = Prompts([], [], [])
+    for f in files:
+        path = Path(f)
+        if not path.exists():
+            raise DataError(f, None, None, "file not found", "check data.train / data.eval")
+        for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise DataError(f, i, None, f"not valid JSON ({e.msg})", "write one JSON object per line",
+                                    reason="bad_json") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f, i, None, "is not a JSON object", "write one JSON object per line")
+                if check is not None:
+                    check(rec, f, i)
+                msgs = prompt_messages(rec, f, i)
+                ids = encode_prompt(tokenizer, msgs, template=template)
+                if len(ids) > limit:
+                    raise DataError(f, i, "messages", f"prompt has {len(ids)} tokens, more than data.max_length - "
+                                    f"rl.max_new_tokens = {limit}", "raise data.max_length or lower "
+                                    "rl.max_new_tokens (data.on_error: skip skips such prompts)", reason="too_long")
+            except DataError:
+                if on_error != "skip":
+                    raise
+                out.skipped += 1
+                continue
+            out.records.append(rec)
+            out.messages.append(msgs)
+            out.ids.append(ids)
+    return out
+
+
+def prompt_indices(n: int, per_rollout: int, rollout: int, seed: int) -> list[int]:
+    """Prompts of rollout number ``rollout``: consecutive slices of a fresh shuffle per pass over the data."""
+    out, perms = [], {}
+    for pos in range(rollout * per_rollout, (rollout + 1) * per_rollout):
+        k = pos // n
+        if k not in perms:
+            perms[k] = list(range(n))
+            random.Random(f"rollout/{seed}/{k}").shuffle(perms[k])
+        out.append(perms[k][pos % n])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards
+
+
+def _check_skills_record(rec: dict, file: str, line: int) -> None:
+    from instructkit.synth.skills import FAMILIES
+
+    if rec.get("family") not in FAMILIES or not isinstance(rec.get("data"), dict):
+        raise DataError(file, line, "family", f"rl.reward: skills needs a known 'family' and a 'data' object, got "
+                        f"family={rec.get('family')!r}", "use files written by `instructkit synth skills`, or set "
+                        "rl.reward to a module:function", reason="not_skills")
+
+
+def load_reward(spec: str, max_length: int = 1024) -> tuple[RewardFn, Callable | None]:
+    """``(reward_fn, record_check)`` for ``rl.reward``: ``skills``, ``module:function`` or a reward-model folder."""
+    if spec == "skills":
+        from instructkit.synth.skills import verify_response
+
+        return (lambda recs, msgs, texts: [float(verify_response(r, t)) for r, t in zip(recs, texts)]), \
+            _check_skills_record
+    if Path(spec).is_dir():
+        from instructkit.evaluate.reward import load_reward_model, score_responses
+
+        rm, rtok = load_reward_model(spec)
+        return (lambda recs, msgs, texts: score_responses(rm, rtok, msgs, texts, max_length=max_length)), None
+    if ":" not in spec:
+        raise ConfigError(f"rl.reward={spec!r}: use 'skills', a reward-model folder (method: reward writes one) or "
+                          f"'module:function' (a function f(record, completion) -> float)")
+    mod, name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"rl.reward={spec!r}: cannot import {name} from {mod}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"rl.reward={spec!r} is not callable")
+    return (lambda recs, msgs, texts: [float(fn(r, t)) for r, t in zip(recs, texts)]), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs and the reference
+
+
+def adapters_off(model):
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+def scatter_completion(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) per-token values in row-major completion order -> (B, T) with 0 at padding (differentiable)."""
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask.bool(), flat)
+
+
+@torch.no_grad()
+def completion_logps(model, batch: dict) -> torch.Tensor:
+    """(B, T) log-probs of each row's completion tokens (0 at padding), no gradient."""
+    logits, targets = target_logits(model, batch)
+    return scatter_completion(token_logprobs(logits, targets), batch["completion_mask"])
+
+
+def make_reference(model, cfg: RunConfig):
+    """``batch -> (B, T) reference log-probs``: adapters disabled under LoRA, otherwise a frozen copy of the
+    initial weights; None when ``rl.kl_coef`` is 0 (no reference in memory)."""
+    if cfg.rl.kl_coef == 0:
+        return None
+    if cfg.lora.enabled:
+        def ref(batch):
+            with adapters_off(model):
+                return completion_logps(model, batch)
+        return ref
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return lambda batch: completion_logps(frozen, batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and batching
+
+
+def sample(model, tokenizer, prompt_ids: list[list[int]], cfg: RunConfig, rollout: int, batch_size: int) -> list[Generation]:
+    """Completions of the current policy, seeded by (seed, rollout) so a resumed run repeats them."""
+    rl = cfg.rl
+    sampling = SamplingConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
+                              top_p=rl.top_p, seed=cfg.seed * 1_000_003 + rollout)
+    return generate(model, tokenizer, prompt_ids, sampling, batch_size=batch_size)
+
+
+def micro_batches(prompt_ids: list[list[int]], gens: list[Generation], size: int, pad_id: int) -> list[dict]:
+    """Right-padded micro-batches of prompt + completion, labels on completion tokens, ``completion_mask``."""
+    out = []
+    for s in range(0, len(gens), size):
+        g = gens[s:s + size]
+        ex = [EncodedExample(p + x.token_ids, [-100] * len(p) + x.token_ids) for p, x in zip(prompt_ids[s:s + size], g)]
+        b = collate_padded(ex, pad_id=pad_id)
+        T = max(len(x.token_ids) for x in g)
+        b["completion_mask"] = torch.tensor([[1] * len(x.token_ids) + [0] * (T - len(x.token_ids)) for x in g],
+                                            dtype=torch.long)
+        out.append(b)
+    return out
+
+
+def n_micro(n_sequences: int, size: int) -> int:
+    return math.ceil(n_sequences / size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Telemetry
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation; 0 when either side is constant."""
+    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
+    denom = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denom if denom > 0 else 0.0
+
+
+def completion_stats(rewards: torch.Tensor, gens: list[Generation]) -> dict[str, float]:
+    """Reward and length telemetry of a rollout (population std)."""
+    lengths = torch.tensor([len(g.token_ids) for g in gens], dtype=torch.float32)
+    stopped = torch.tensor([g.finish_reason == "stop" for g in gens], dtype=torch.float32)
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "completion_len_mean": float(lengths.mean()), "completion_len_std": float(lengths.std(unbiased=False)),
+            "completion_len_max": float(lengths.max()), "stop_fraction": float(stopped.mean()),
+            "truncated_fraction": float(1.0 - stopped.mean()), "reward_length_corr": pearson(rewards, lengths)}
+
+
+def check_alarms(cfg: RunConfig, rollout: int, m: dict, trend: "LengthTrend | None" = None) -> None:
+    """Reward-hacking alarms: added to ``m`` as 0/1 metrics (logged with every step), printed when raised."""
+    rl = cfg.rl
+    if trend is not None:
+        trend.check(rollout, m)
+    checks = {"alarm_kl": (rl.alarm_kl, m.get("kl_ref"), "mean per-token KL to the reference"),
+              "alarm_truncated": (rl.alarm_truncated, m.get("truncated_fraction"),
+                                  "fraction of completions that hit rl.max_new_tokens")}
+    for key, (bound, value, what) in checks.items():
+        if bound is None or value is None:
+            continue
+        m[key] = float(value > bound)
+        if value > bound and is_main_process():
+            print(f"warning: rollout {rollout}: {what} is {value:.3f}, above the alarm bound {bound} "
+                  f"(rl.{key})", file=sys.stderr)
+
+
+class LengthTrend:
+    """Alarm for length hacking: completions grow while the reward does not.
+
+    Compares the mean completion length and reward of the last ``window`` rollouts with the
+    ``window`` before them; raised when length grew by more than ``bound`` (a fraction) and the
+    reward did not rise.
+    """
+
+    def __init__(self, bound: float | None, window: int = 5):
+        self.bound, self.window = bound, window
+        self.history: list[tuple[float, float]] = []
+
+    def check(self, rollout: int, m: dict) -> None:
+        if self.bound is None:
+            return
+        self.history.append((m["completion_len_mean"], m["reward_mean"]))
+        w = self.window
+        raised = False
+        if len(self.history) >= 2 * w:
+            prev, last = self.history[-2 * w:-w], self.history[-w:]
+            len_prev, len_last = sum(x[0] for x in prev) / w, sum(x[0] for x in last) / w
+            rew_prev, rew_last = sum(x[1] for x in prev) / w, sum(x[1] for x in last) / w
+            raised = len_last > len_prev * (1 + self.bound) and rew_last <= rew_prev
+            if raised and is_main_process():
+                print(f"warning: rollout {rollout}: mean completion length rose from {len_prev:.1f} to {len_last:.1f} "
+                      f"tokens over the last {w} rollouts while mean reward went from {rew_prev:.3f} to "
+                      f"{rew_last:.3f} (rl.alarm_length_growth)", file=sys.stderr)
+        m["alarm_length_growth"] = float(raised)
+
+
+@torch.no_grad()
+def greedy_eval(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, max_new_tokens: int,
+                batch_size: int = 16) -> dict[str, float]:
+    """Mean reward of greedy completions (for the skills verifier: exact match) and their mean length."""
+    gens = generate(model, tokenizer, prompts.ids, SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size)
+    r = reward_fn(prompts.records, prompts.messages, [g.text for g in gens])
+    return {"eval_reward": sum(r) / len(r), "eval_completion_len": sum(len(g.token_ids) for g in gens) / len(gens)}

@@ -1,0 +1,87 @@
+"""PPO end to end through the CLI on the nano tiny model, with a module:function reward."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+from safetensors.torch import load_file
+
+from instructkit.synth.skills import write_skills
+
+
+def length_reward(record: dict, completion: str) -> float:
+    """A planted reward for the test: shorter completions score higher."""
+    return -len(completion) / 10.0
+
+
+def test_ppo_cli_runs_logs_telemetry_and_saves_value_head(tmp_path, tiny_model_dir):
+    skills = write_skills(tmp_path / "skills", seed=0, n_train=240, n_val=62, n_heldout_phrasing=31,
+                          n_heldout_family=8, n_corpus=100)
+    cfg = {"method": "ppo", "seed": 0, "output_dir": str(tmp_path / "run"),
+           "model": {"name_or_path": str(tiny_model_dir)},
+           "data": {"train": str(skills / "train.jsonl"), "max_length": 256},
+           "train": {"max_steps": 2, "micro_batch_size": 4, "grad_accum": 2, "lr": 1e-3, "progress": False},
+           "rl": {"reward": "test_ppo:length_reward", "prompts_per_rollout": 8, "max_new_tokens": 8,
+                  "rollout_epochs": 2, "kl_target": 0.1, "missing_stop_penalty": 1.0}}
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env_path = str(__import__("pathlib").Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-m", "instructkit", "train", str(path)], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": env_path})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ppo: 8 completions per rollout x 2 epochs" in proc.stderr and "done: 2 steps" in proc.stderr
+    run = tmp_path / "run"
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    for s in steps:
+        for key in ("score_mean", "reward_mean", "pg_loss", "value_loss", "clip_fraction", "vf_clip_fraction",
+                    "approx_kl", "entropy", "kl", "kl_ref", "kl_coef", "explained_variance", "stop_fraction",
+                    "completion_len_mean", "reward_length_corr", "alarm_truncated"):
+            assert key in s, key
+        # A random model never stops within 8 tokens: every completion pays the missing-stop penalty.
+        assert abs(s["reward_mean"] - (s["score_mean"] - 1.0)) < 1e-5
+        # Shorter is better and lengths barely vary: score and length are perfectly anti-correlated or constant.
+        assert s["reward_length_corr"] <= 0
+    # One rollout, two passes (one optimizer step each): step 1 is on-policy, step 2 is not.
+    assert steps[0]["clip_fraction"] == 0 and steps[0]["approx_kl"] < 1e-6 and steps[1]["approx_kl"] > 0
+    head = load_file(str(run / "final" / "value_head.safetensors"))
+    assert head["weight"].shape[0] == 1 and head["weight"].abs().sum() > 0  # trained from zero
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def test_reward_model_folder_as_reward(tmp_path, tiny_model_dir):
+    """rl.reward as a folder scores prompt + completion with the reward model, as `score_responses` does."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from instructkit.evaluate.reward import load_reward_model, score_responses
+    from instructkit.rollout import load_reward
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=0).save_pretrained(rm_dir)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            shutil.copy(f, rm_dir / f.name)
+    fn, check = load_reward(str(rm_dir), max_length=128)
+    assert check is None
+    msgs = [[{"role": "user", "content": "Add 2 and 3."}]] * 2
+    got = fn([{}, {}], msgs, ["5", "The answer is 7, clearly."])
+    rm, tok = load_reward_model(rm_dir)
+    want = score_responses(rm, tok, msgs, ["5", "The answer is 7, clearly."], max_length=128)
+    assert got == want and got[0] != got[1]
+
+
+def test_bad_reward_spec_is_a_config_error():
+    import pytest
+
+    from instructkit.config import ConfigError
+    from instructkit.rollout import load_reward
+
+    with pytest.raises(ConfigError, match="use 'skills', a reward-model folder"):
+        load_reward("no_such_thing")
+    with pytest.raises(ConfigError, match="cannot import nope from json"):
+        load_reward("json:nope")
