@@ -200,8 +200,9 @@ def main() -> None:
                 raise SystemExit(f"{mode} run {r} failed")
             res = json.loads(res_file.read_text())
             res.update(heldout_scores(res["final"], paths["model"], paths["eval"], a.max_length))
+            res["load_avg"] = os.getloadavg()[0]
             results[mode].append(res)
-            print(f"run {r} {mode:18s} {res['pairs_per_s']:7.1f} pairs/s  peak {res['peak_rss_mb']:6.0f} MB  "
+            print(f"run {r} {mode:18s} load {res['load_avg']:.1f} {res['pairs_per_s']:7.1f} pairs/s  peak {res['peak_rss_mb']:6.0f} MB  "
                   f"held-out DPO loss {res['eval_dpo_loss']:.4f} acc {res['eval_accuracy']:.1%}  "
                   f"steps {res['steps']}  ({time.perf_counter() - t0:.0f}s)")
 
@@ -221,7 +222,9 @@ def main() -> None:
              f"{a.lr} constant, clip 1.0, fp32, {a.batch} pairs per step (instructkit packed: {packed_rows} rows of "
              f"2x{a.max_length} tokens per step, about the same pairs per step).",
              "- Time is end to end (data preparation, reference log-probs, training), median of "
-             f"{a.runs} runs, all modes in one invocation. Held-out: the same {a.n_eval}-pair split scored by the same "
+             f"{a.runs} runs, all modes interleaved in one invocation (1-minute load average during the runs: "
+             f"{min(x['load_avg'] for rs in results.values() for x in rs):.1f}-"
+             f"{max(x['load_avg'] for rs in results.values() for x in rs):.1f} on {os.cpu_count()} cores). Held-out: the same {a.n_eval}-pair split scored by the same "
              "function for every mode (DPO loss against the initial model, preference accuracy).", "",
              "| mode | pairs/s | instructkit speed-up over this mode | peak RSS (MB) | held-out DPO loss | held-out accuracy | steps |",
              "|---|---:|---:|---:|---:|---:|---:|"]

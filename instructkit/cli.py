@@ -18,17 +18,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 METHODS = {"sft": "instructkit.methods.sft", "pretrain": "instructkit.methods.pretrain",
            "dpo": "instructkit.methods.preference", "simpo": "instructkit.methods.preference",
            "orpo": "instructkit.methods.preference", "kto": "instructkit.methods.preference",
-           "reward": "instructkit.methods.reward"}
+           "reward": "instructkit.methods.reward", "distill": "instructkit.methods.distill",
+           "grpo": "instructkit.methods.grpo", "ppo": "instructkit.methods.ppo"}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from instructkit.config import ConfigError
     from instructkit.data.errors import DataError
     from instructkit.data.templates import TemplateError
+    from instructkit.distributed import DistributedError
     from instructkit.loop import TrainingError
     from instructkit.models import ModelError
 
-    return (ConfigError, DataError, ModelError, TemplateError, TrainingError)
+    return (ConfigError, DataError, DistributedError, ModelError, TemplateError, TrainingError)
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -37,17 +39,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def cmd_train(args) -> int:
     import importlib
 
+    from instructkit import distributed
     from instructkit.config import load_config
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("train.resume=true")
     cfg = load_config(args.config, overrides)
-    module = importlib.import_module(METHODS[cfg.method])
-    result = module.main(cfg)
-    if result.status == "interrupted":
-        return 130
-    return 0
+    if cfg.distributed.nproc > 1 and not distributed.launched_by_torchrun():
+        return distributed.relaunch(["train", args.config, *overrides], cfg.distributed.nproc)
+
+    def run() -> int:
+        result = importlib.import_module(METHODS[cfg.method]).main(cfg)
+        return 130 if result.status == "interrupted" else 0
+
+    if distributed.init(cfg.distributed) is None:
+        return run()
+    try:
+        # Under torchrun, an exception on any rank is recorded for torchrun's failure report.
+        return distributed.record_errors(run)()
+    finally:
+        distributed.shutdown()
 
 
 def cmd_validate(args) -> int:
@@ -229,7 +241,9 @@ def cmd_demo(args) -> int:
     from instructkit.demo import run_demo
     from instructkit.report import write_report
 
-    from instructkit.demo import PREFERENCE_STAGES
+    from instructkit.demo import DISTILL_STAGES, PREFERENCE_STAGES
+
+    PREFERENCE_STAGES = PREFERENCE_STAGES + DISTILL_STAGES  # every optional --with stage
 
     stages = tuple(x.strip() for x in args.with_stages.split(",") if x.strip()) if args.with_stages else ()
     if any(s not in PREFERENCE_STAGES for s in stages):
@@ -251,13 +265,22 @@ def cmd_demo(args) -> int:
         f" --limit {summary['limit']}",
         f"instructkit eval --model {summary['base']} --adapter {out / 'sft-lora/final'} --data {out / 'data'}"
         f" --out {out / 'eval-sft-lora'} --limit {summary['limit']}",
-    ] + [f"instructkit train {out / m / 'config.yaml'}" for m in stages]
+    ] + [f"instructkit train {out / m / 'config.yaml'}" for m in stages if m != "distill"]
+    if "distill" in stages:
+        commands += [f"instructkit synth distill-data --teacher {out / 'sft-full/final'} --prompts {out / 'data/train.jsonl'}"
+                     f" --out {out / 'distill-data/train.jsonl'} --max-new-tokens 48"] + \
+            [f"instructkit train {out / m / 'config.yaml'}" for m in ("student-sft", "student-kd", "student-seqkd")]
     md, html_path = write_report(out, summary, commands)
     res = summary["results"]
     print(f"\n{'split':18s}" + "".join(f"{m:>11s}" for m in res))
     for split in next(iter(res.values()))["splits"]:
         print(f"{split:18s}" + "".join(f"{res[m]['splits'][split]['accuracy']:11.1%}" for m in res))
     print(f"{'stops on its own':18s}" + "".join(f"{res[m]['splits']['validation']['stop_rate']:11.1%}" for m in res))
+    if summary.get("distill"):  # instructkit demo --with distill: how close each student got to the teacher
+        print(f"\n{'student (nano)':18s}{'KL(T||S)':>11s}{'KL(S||T)':>11s}{'val NLL':>11s}")
+        for name, m in summary["distill"].items():
+            if "kl_teacher_student" in m:
+                print(f"{name:18s}{m['kl_teacher_student']:11.4f}{m['kl_student_teacher']:11.4f}{m['validation_nll']:11.4f}")
     print(f"\ntotal {summary['times']['total']:.0f}s. Report: {md} and {html_path}")
     return 0
 
@@ -583,6 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--n-corpus", type=int, default=30000)
     sk.set_defaults(func=cmd_synth_skills)
 
+    # Self-Instruct and sequence-level distillation data (instructkit/synth/commands.py).
+    from instructkit.synth.commands import add_parsers as add_synth_parsers
+
+    add_synth_parsers(sysub)
+
     sc = sub.add_parser("score", help="score conversations or preference pairs with a reward model")
     sc.add_argument("--reward", required=True, help="reward model folder (method: reward output)")
     sc.add_argument("--data", required=True, help="preference pairs or conversations")
@@ -613,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--limit", type=int, help="prompts per split in evaluation (default 40, quick 20)")
     dm.add_argument("--with", dest="with_stages", metavar="STAGES",
-                    help="optional stages after SFT, comma-separated: dpo, orpo, reward")
+                    help="optional stages after SFT, comma-separated: dpo, orpo, reward, distill")
     dm.set_defaults(func=cmd_demo)
 
     an = sub.add_parser("answer", help="answer a question file with a local model (input for `judge`)")
@@ -709,7 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        from instructkit.distributed import report_error
+
+        report_error(e)  # "error: ..."; under torchrun prefixed with the rank
         return 2
 
 

@@ -135,6 +135,98 @@ class PreferenceConfig(_Section):
         "starts; right cuts the end; error stops.")
 
 
+class DistributedConfig(_Section):
+    """Multi-process training under torchrun (see README, Distributed training)."""
+
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="ddp = a full replica per process; fsdp2 = parameters, gradients and "
+        "optimizer state sharded with torch.distributed.fsdp.fully_shard.")
+    nproc: int = Field(1, ge=1, description="Processes on this machine; > 1 re-launches the command "
+                       "through torchrun (ignored when already launched by torchrun).")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto = nccl on CUDA, gloo on CPU.")
+    wrap: str | list[str] = Field("auto", description="fsdp2: module class names sharded as their own "
+                                  "unit; auto = the model's _no_split_modules (its decoder layer).")
+    reshard_after_forward: bool = Field(True, description="fsdp2: free gathered parameters after "
+                                        "forward (ZeRO-3); false keeps them until backward (ZeRO-2).")
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="fsdp2 mixed precision: compute dtype of gathered parameters; null = as loaded.")
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="fsdp2 mixed precision: dtype of gradient reduce-scatter; null = param_dtype.")
+    cpu_offload: bool = Field(False, description="fsdp2: keep sharded parameters, gradients and "
+                              "optimizer state in CPU memory; the optimizer step runs on CPU.")
+    find_unused_parameters: bool = Field(False, description="ddp: allow parameters that get no gradient.")
+    timeout_minutes: float = Field(30.0, gt=0, description="A collective waiting longer fails the run.")
+    log_all_ranks: bool = Field(False, description="Let every rank print; by default only rank 0 does.")
+
+
+class DistillConfig(_Section):
+    """Settings of ``method: distill``: token-level knowledge distillation from a teacher sharing the tokenizer."""
+
+    teacher: str | None = Field(None, description="Teacher model folder (same tokenizer as the student).")
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); "
+        "jsd = generalised JSD with beta.")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: 0 = forward KL, 1 = reverse KL.")
+    temperature: float = Field(1.0, gt=0.0, description="Softening temperature; the loss is scaled by T^2.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha * KD + (1 - alpha) * NLL on targets.")
+    top_k: int | None = Field(None, gt=0, description="Use only the teacher's top-k tokens (+ the rest's "
+                              "mass); null = the full vocabulary.")
+    teacher_logits: Literal["live", "cache"] = Field(
+        "live", description="live = teacher forward each step; cache = top-k log-probs computed once and "
+        "kept on disk (needs top_k).")
+    cache_dir: str = Field(".cache/instructkit/teacher", description="Folder of cached teacher top-k "
+                           "log-probs, keyed by teacher, data and settings.")
+    on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0, description="GKD lambda: probability that a "
+                                      "micro-batch uses student-generated replies scored by the teacher.")
+    on_policy_max_new_tokens: int = Field(64, gt=0, description="Length limit of on-policy replies.")
+    on_policy_temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of on-policy replies.")
+
+
+class RLConfig(_Section):
+    """Settings of online RL (``method: grpo`` or ``ppo``): rollouts with the current policy, scored by a reward."""
+
+    reward: str = Field("skills", description="skills = the skills-curriculum verifier (records need family "
+                        "and data); module:function = a Python function f(record, completion) -> float; "
+                        "a folder = a reward model (method: reward).")
+    group_size: int = Field(4, ge=2, description="G: completions sampled per prompt (the group of GRPO).")
+    prompts_per_rollout: int = Field(8, gt=0, description="Prompts per rollout; a rollout holds "
+                                     "prompts_per_rollout x group_size completions.")
+    rollout_epochs: int = Field(1, gt=0, description="Passes over each rollout (PPO/GRPO mu).")
+    max_new_tokens: int = Field(64, gt=0, description="Completion length limit.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of rollouts.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling of rollouts (0 = off).")
+    clip_eps: float = Field(0.2, gt=0.0, description="PPO clip range of the probability ratio.")
+    clip_eps_high: float | None = Field(None, gt=0.0, description="Upper clip range (DAPO clip-higher); "
+                                        "null = clip_eps.")
+    kl_coef: float = Field(0.04, ge=0.0, description="Weight of the KL-to-reference term; 0 = no reference.")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(None, description="Per-token KL estimator; null = "
+                                                           "k3 for grpo, k1 for ppo.")
+    scale_rewards: bool = Field(True, description="Divide group-centred rewards by the group's sample std "
+                                "(GRPO); false = centre only (Dr. GRPO).")
+    loss_aggregation: Literal["grpo", "bnpo", "dr_grpo"] = Field(
+        "grpo", description="grpo = per-sequence token mean, then mean; bnpo = token mean over the step; "
+        "dr_grpo = token sum / (sequences x max_new_tokens).")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="ppo: discount of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="ppo: lambda of GAE.")
+    vf_coef: float = Field(0.1, ge=0.0, description="ppo: weight of the value loss.")
+    vf_clip: float = Field(0.2, gt=0.0, description="ppo: clip range of the value prediction around its rollout value.")
+    whiten_rewards: bool = Field(False, description="ppo: scale rollout scores to unit variance (mean kept).")
+    kl_target: float | None = Field(None, gt=0.0, description="ppo: adaptive KL controller target (per-sequence "
+                                    "KL); null = fixed kl_coef.")
+    kl_horizon: float = Field(10000.0, gt=0.0, description="ppo: adaptive KL controller horizon (sequences).")
+    missing_stop_penalty: float = Field(0.0, ge=0.0, description="ppo: subtracted from the score of a completion "
+                                        "that never stopped (hit max_new_tokens).")
+    eval_prompts: int = Field(64, ge=0, description="Validation prompts answered greedily at each evaluation.")
+    alarm_kl: float | None = Field(1.0, gt=0.0, description="Warn when the mean per-token KL to the reference "
+                                   "exceeds this; null = off.")
+    alarm_truncated: float | None = Field(0.5, gt=0.0, le=1.0, description="Warn when this fraction of "
+                                          "completions hits max_new_tokens; null = off.")
+    alarm_length_growth: float | None = Field(0.5, gt=0.0, description="Warn when mean completion length over "
+                                              "the last 5 rollouts grew by more than this fraction over the 5 "
+                                              "before while mean reward did not rise; null = off.")
+
+
 class LoggingConfig(_Section):
     tensorboard: bool = False
     wandb: bool = False
@@ -144,7 +236,7 @@ class LoggingConfig(_Section):
 class RunConfig(_Section):
     """A whole run. ``method`` picks the recipe in ``instructkit.methods``."""
 
-    method: Literal["sft", "pretrain", "dpo", "simpo", "orpo", "kto", "reward"] = "sft"
+    method: Literal["sft", "pretrain", "dpo", "simpo", "orpo", "kto", "reward", "distill", "grpo", "ppo"] = "sft"
     seed: int = 0
     output_dir: str = "runs/run"
     model: ModelConfig
@@ -152,7 +244,10 @@ class RunConfig(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("output_dir")
     @classmethod
@@ -165,12 +260,26 @@ class RunConfig(_Section):
     def _check_combinations(self) -> "RunConfig":
         if self.lora.quantize_4bit and not self.lora.enabled:
             raise ValueError("lora.quantize_4bit needs lora.enabled: true (QLoRA trains adapters)")
+        if self.method == "distill" and not self.distill.teacher:
+            raise ValueError("method: distill needs distill.teacher: the teacher model folder")
+        if self.method in ("grpo", "ppo") and self.rl.max_new_tokens >= self.data.max_length:
+            raise ValueError(f"rl.max_new_tokens ({self.rl.max_new_tokens}) must be below data.max_length "
+                             f"({self.data.max_length}), which bounds prompt + completion")
+        if self.distill.teacher_logits == "cache" and self.distill.top_k is None:
+            raise ValueError("distill.teacher_logits: cache stores top-k log-probs; set distill.top_k (e.g. 32)")
+        if self.distributed.strategy == "fsdp2" and self.lora.quantize_4bit:
+            raise ValueError("lora.quantize_4bit cannot be sharded with distributed.strategy: fsdp2; use "
+                             "strategy: ddp (each GPU holds the 4-bit base) or LoRA without quantize_4bit")
+        if self.distributed.strategy == "fsdp2" and self.lora.merge_on_save:
+            raise ValueError("lora.merge_on_save is not available with distributed.strategy: fsdp2; save "
+                             "the adapter and merge it afterwards with `instructkit export`")
         return self
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
-    "preference": PreferenceConfig, "logging": LoggingConfig, "curate": CurateConfig,
+    "preference": PreferenceConfig, "logging": LoggingConfig, "curate": CurateConfig, "distill": DistillConfig,
+    "distributed": DistributedConfig, "rl": RLConfig,
 }
 
 

@@ -100,6 +100,99 @@ def preference_run(method: str, start: Path, data_dir: Path, out: Path, seed: in
     return out / method / "final"
 
 
+DISTILL_STAGES = ("distill",)
+
+
+def student_base(teacher_base: Path, data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
+    """A smaller (``nano``) base pretrained like the teacher's, with the teacher's tokenizer (shared vocabulary)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from instructkit.config import load_config
+    from instructkit.methods import pretrain
+    from instructkit.tiny_model import PRESETS
+
+    key = hashlib.sha256((json.dumps(recipe, sort_keys=True) + str(Path(teacher_base).resolve())
+                          + hashlib.sha256((data_dir / "corpus_pretrain.txt").read_bytes()).hexdigest()).encode())
+    work = cache_dir / f"student-{key.hexdigest()[:12]}"
+    if (work / "final" / "config.json").exists():
+        print(f"reusing cached student base {work / 'final'}", file=sys.stderr)
+        return work / "final"
+    if work.exists():
+        shutil.rmtree(work)
+    tok = AutoTokenizer.from_pretrained(teacher_base)
+    spec = {k: v for k, v in PRESETS[recipe["preset"]].items() if k != "vocab_size"}
+    config = LlamaConfig(**spec, vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         rms_norm_eps=1e-5, attention_bias=False, initializer_range=0.02)
+    torch.manual_seed(recipe["seed"])
+    LlamaForCausalLM(config).save_pretrained(work / "init")
+    tok.save_pretrained(work / "init")
+    pretrain.main(load_config(raw={
+        "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work), "model": {"name_or_path": str(work / "init")},
+        "data": {"train": str(data_dir / "corpus_pretrain.txt"), "eval": str(data_dir / "corpus_heldout.txt"),
+                 "max_length": recipe["max_length"]},
+        "train": {"epochs": recipe["pretrain_epochs"], "micro_batch_size": recipe["micro_batch_size"], "lr": recipe["lr"],
+                  "warmup_ratio": 0.05, "schedule": "cosine", "min_lr_ratio": 0.1, "save_every": 200, "eval_every": 200},
+    }))
+    return work / "final"
+
+
+def distill_demo(teacher: Path, teacher_base: Path, data_dir: Path, out: Path, cache: Path, seed: int, quick: bool,
+                 epochs: float, limit: int, probe: list[str], student_pretrain_epochs: float = 1.0) -> tuple[dict, dict]:
+    """Teacher = the full SFT model; student = a pretrained nano base. Three students on the same prompts:
+    plain SFT, token-level KD (forward KL, alpha 0.5, cached top-64 teacher log-probs) and sequence-level
+    KD (SFT on the teacher's greedy replies). Returns (skills results, agreement with the teacher)."""
+    from instructkit.config import load_config
+    from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
+    from instructkit.methods import distill, sft
+    from instructkit.models import load_for_inference
+    from instructkit.synth.distill_data import distill_data
+    from instructkit.synth.generators import LocalGenerator, Sampling
+    from instructkit.teacher import kl_to_teacher
+
+    # seed + 1: its own initial weights, even when the teacher is a nano model too (miniature runs)
+    recipe = {**base_recipe("nano", seed + 1, quick), "pretrain_epochs": student_pretrain_epochs}
+    student = student_base(teacher_base, data_dir, cache / "demo", recipe)
+
+    def raw(name: str, train_file: Path, **extra) -> dict:
+        return {"seed": seed, "output_dir": str(out / name), "model": {"name_or_path": str(student)},
+                "data": {"train": str(train_file), "eval": str(data_dir / "validation.jsonl"), "max_length": 256},
+                "train": {"epochs": epochs, "micro_batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.05,
+                          "schedule": "cosine", "eval_every": 100, "save_every": 400}, **extra}
+
+    seq_data = out / "distill-data" / "train.jsonl"
+    generator = LocalGenerator(teacher, batch_size=64)
+    seq_summary = distill_data(generator, data_dir / "train.jsonl", seq_data,
+                               sampling=Sampling(max_tokens=48, temperature=0.0), chunk=512, keep_truncated=True)
+    sft.main(load_config(raw=raw("student-sft", data_dir / "train.jsonl", method="sft")))
+    distill.main(load_config(raw=raw("student-kd", data_dir / "train.jsonl", method="distill",
+                                     distill={"teacher": str(teacher), "alpha": 0.5, "kind": "forward_kl",
+                                              "temperature": 1.0, "top_k": 64, "teacher_logits": "cache",
+                                              "cache_dir": str(out / "teacher-cache")})))
+    names = ("student-sft", "student-kd", "student-seqkd")
+    if seq_summary["records_total"]:
+        sft.main(load_config(raw=raw("student-seqkd", seq_data, method="sft")))
+    else:  # a teacher that only ever answers with nothing (e.g. a barely tuned one) leaves nothing to learn
+        print(f"sequence-level KD skipped: the teacher's replies were all rejected ({seq_summary['rejected']})",
+              file=sys.stderr)
+        names = names[:2]
+    results = {n: evaluate_model(out / n / "final", data_dir, out / f"eval-{n}", limit, probe) for n in names}
+    teacher_model, tok = load_for_inference(teacher)
+    cfg = load_config(raw=raw("x", data_dir / "validation.jsonl"))
+    template, _ = prepare_template(tok, cfg.data)
+    val = load_sft_data(cfg.data, tok, template, seed).train
+    batches = plan_batches(val, packing=True, micro_batch_size=16, max_length=256, pad_id=tok.pad_token_id,
+                           seed=seed, shuffle=False).source(0)
+    agreement = {}
+    for n in names:
+        model, _ = load_for_inference(out / n / "final")
+        agreement[n] = kl_to_teacher(model, teacher_model, batches)
+        agreement[n]["validation_nll"] = results[n]["splits"]["validation"]["heldout_loss"]
+    agreement["seq_kd_data"] = {k: seq_summary[k] for k in ("records_total", "rejected", "request_failed")}
+    return results, agreement
+
+
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpus_lines: list[str],
                    base_dir: Path | None = None) -> dict:
     """Evaluate a full model folder, or an adapter folder on top of ``base_dir``."""
@@ -126,9 +219,10 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     after SFT: ``dpo`` and ``orpo`` (from the full SFT model, on the curriculum's preference pairs,
     evaluated like the others) and ``reward`` (a reward model; its held-out pairwise accuracy).
     """
-    unknown = [s for s in with_stages if s not in PREFERENCE_STAGES]
+    unknown = [s for s in with_stages if s not in PREFERENCE_STAGES + DISTILL_STAGES]
     if unknown:
-        raise ValueError(f"unknown demo stage(s) {unknown}; choose from {', '.join(PREFERENCE_STAGES)}")
+        raise ValueError(f"unknown demo stage(s) {unknown}; choose from "
+                         f"{', '.join(PREFERENCE_STAGES + DISTILL_STAGES)}")
     from instructkit.synth.skills import write_skills
 
     t_start = time.perf_counter()
@@ -181,7 +275,16 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     times["eval tuned"] = time.perf_counter() - t
 
     preference_summary = {}
+    distill_summary = {}
     for i, method in enumerate(with_stages):
+        if method == "distill":  # teacher: the full SFT model; three nano students (SFT, KD, sequence KD)
+            _stage(7 + i, n_stages, "distillation: SFT vs token-level KD vs sequence-level KD of a nano student")
+            t = time.perf_counter()
+            kd_results, distill_summary = distill_demo(full, base, data_dir, out, cache, seed, quick, sft_epochs,
+                                                       limit, probe)
+            results.update(kd_results)
+            times[method] = time.perf_counter() - t
+            continue
         _stage(7 + i, n_stages, f"{method.upper()} from the full SFT model" if method != "reward"
                else "reward model on the preference pairs")
         t = time.perf_counter()
@@ -195,5 +298,7 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     times["total"] = time.perf_counter() - t_start
     summary = {"results": results, "times": times, "base": str(base), "quick": quick, "limit": limit,
                "preference": preference_summary}
+    if distill_summary:  # held-out agreement of the distilled students with their teacher
+        summary["distill"] = distill_summary
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     return summary

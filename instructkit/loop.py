@@ -5,6 +5,10 @@ and a ``loss_fn(model, batch) -> StepOutput`` that returns a *summed* loss and i
 tokens. The loop owns everything else: AdamW, the LR schedule, gradient accumulation normalised by
 the global target-token count, clipping, autocast, evaluation, logging, atomic checkpoints, exact
 resume, signals and NaN detection. ``backward()`` is called in exactly one place: here.
+
+Under torchrun the same loop runs on every rank (see :mod:`instructkit.distributed`): each rank
+takes its share of every step's micro-batches, DDP or FSDP2 reduce the gradients, and only rank 0
+logs and writes files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 
+from instructkit import distributed
 from instructkit.config import TrainConfig
 from instructkit.models import nll_sum
 
@@ -113,11 +118,11 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return fn
 
 
-def plan_steps(cfg: TrainConfig, micro_per_epoch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) for this config and data size."""
+def plan_steps(cfg: TrainConfig, micro_per_epoch: int, world_size: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for this config, data size and rank count."""
     if micro_per_epoch <= 0:
         raise TrainingError("no training batches: the training data is empty after filtering")
-    per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    per_epoch = math.ceil(micro_per_epoch / (cfg.grad_accum * world_size))
     total = max(1, math.ceil(per_epoch * cfg.epochs))
     if cfg.max_steps is not None:
         total = cfg.max_steps
@@ -126,31 +131,59 @@ def plan_steps(cfg: TrainConfig, micro_per_epoch: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: a temporary folder renamed into place, so a kill mid-write never leaves a
-# half-written checkpoint that resume would pick up.
+# half-written checkpoint that resume would pick up. Under torchrun every rank takes part in
+# gathering full (unsharded) tensors and rank 0 writes them: the files have the single-process
+# layout, so any number of ranks and either strategy can resume from them.
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Full trainable weights by name, on CPU. Under FSDP2 every rank must call it (each tensor is
+    gathered in turn) and only rank 0 keeps them; the others get an empty dict."""
+    keep = distributed.is_main_process()
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = distributed.full_tensor(p.detach())
+            if keep:
+                out[n] = t.to("cpu", copy=True).contiguous()
+    return out
+
+
+def _rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
                     state: dict, keep_last: int) -> Path:
     from safetensors.torch import save_file
 
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{CKPT_PREFIX}{step:08d}"
+    weights = trainable_state(model)
+    optim = distributed.full_optimizer_state(optimizer)  # None on ranks other than 0
+    rngs = distributed.gather_objects(_rng_state())
+    if not distributed.is_main_process():
+        distributed.barrier()  # rank 0 is writing; nobody reads the folder before it is in place
+        return final
+    ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f".tmp-{CKPT_PREFIX}{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-           "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    # Rank 0's state at the top level (the single-process layout), every rank's under "ranks".
+    torch.save({**rngs[0], "ranks": rngs} if len(rngs) > 1 else rngs[0], tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -160,6 +193,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     os.replace(tmp, final)
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -172,28 +206,33 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unexpected = [n for n in weights if n not in params]
-    if missing or unexpected:
-        raise TrainingError(
-            f"checkpoint {path} does not match this model (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); it was written by a different model or LoRA setting. Start a new "
-            f"output_dir or set train.resume: false")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
-    opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(opt["optimizer"])
+    # Tensor by tensor and memory-mapped: N ranks on a node must not each hold a full copy.
+    with safe_open(str(path / "trainable.safetensors"), framework="pt") as weights:
+        names = list(weights.keys())
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in names]
+        unexpected = [n for n in names if n not in params]
+        if missing or unexpected:
+            raise TrainingError(
+                f"checkpoint {path} does not match this model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); it was written by a different model or LoRA setting. Start a "
+                f"new output_dir or set train.resume: false")
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(distributed.local_like(weights.get_tensor(n), params[n]))
+    opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu", mmap=True)
+    distributed.load_optimizer_state(optimizer, opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    ranks = rng.get("ranks", [rng])
+    if len(ranks) == distributed.world_size():
+        _set_rng_state(ranks[distributed.rank()])
+    elif distributed.is_main_process():
+        # Another number of ranks: rank 0 continues its stream, the others keep their own seeds
+        # (dropout masks then differ from an uninterrupted run; without dropout nothing changes).
+        _set_rng_state(ranks[0])
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
 
 
@@ -213,8 +252,13 @@ class MetricsLogger:
     """Appends one JSON object per line to ``metrics.jsonl`` (plus TensorBoard / W&B if asked)."""
 
     def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = False,
-                 wandb_project: str | None = None, run_config: dict | None = None):
+                 wandb_project: str | None = None, run_config: dict | None = None, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
+        self.tb = None
+        self.wandb = None
+        if not enabled:  # ranks other than 0 under torchrun
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and path.exists():
             # Drop lines written after the checkpoint we resume from, so the file reads as if the
@@ -224,8 +268,6 @@ class MetricsLogger:
             path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         elif resume_step is None and path.exists():
             path.unlink()
-        self.tb = None
-        self.wandb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -242,6 +284,8 @@ class MetricsLogger:
                       "without it", file=sys.stderr)
 
     def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         step = record.get("step", 0)
@@ -325,16 +369,6 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _global_sum(value: int, device: torch.device) -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.long, device=device)
-        dist.all_reduce(t)
-        return int(t.item())
-    return value
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -382,42 +416,50 @@ def train_loop(
     device = device or next(model.parameters()).device
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    per_epoch, total_steps = plan_steps(cfg, micro_per_epoch)
+    # Wrap first: FSDP2 replaces the parameters with shards, and the optimizer must hold those.
+    engine = distributed.Engine(model, distributed.active())
+    rank, world = engine.rank, engine.world
+    main = rank == 0
+    per_step = cfg.grad_accum * world  # micro-batches per optimizer step, over all ranks
+    per_epoch, total_steps = plan_steps(cfg, micro_per_epoch, world)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
     state = {"global_step": 0, "epoch": 0, "group_in_epoch": 0, "tokens_seen": 0,
-             "total_steps": total_steps}
+             "total_steps": total_steps, "micro_batches_per_step": per_step, "world_size": world}
     resume_step = None
     last_ckpt: Path | None = None
+    existing = list_checkpoints(ckpt_root)
     if cfg.resume:
-        existing = list_checkpoints(ckpt_root)
-        if existing:
-            last_ckpt = existing[-1]
+        # Rank 0 decides which checkpoint, so every rank loads the same one.
+        last_ckpt = distributed.broadcast_object(existing[-1] if existing else None)
+        if last_ckpt is not None:
+            saved = json.loads((last_ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+            _check_same_global_batch(saved, cfg, world, last_ckpt)
             loaded = load_checkpoint(last_ckpt, model, optimizer, scheduler)
-            state.update(loaded)
+            state.update(loaded, micro_batches_per_step=per_step, world_size=world)
             resume_step = state["global_step"]
-            print(f"resuming from {last_ckpt} (step {resume_step})", file=sys.stderr)
-        else:
+            if main:
+                print(f"resuming from {last_ckpt} (step {resume_step})", file=sys.stderr)
+        elif main:
             print(f"train.resume is on but {ckpt_root} has no checkpoint; starting from step 0",
                   file=sys.stderr)
-    else:
-        existing = list_checkpoints(ckpt_root)
-        if existing:
-            # Old checkpoints from a previous run would otherwise be mixed with this one's.
-            for p in existing:
-                shutil.rmtree(p)
+    elif existing and main:
+        # Old checkpoints from a previous run would otherwise be mixed with this one's.
+        for p in existing:
+            shutil.rmtree(p)
+    distributed.barrier()
 
     lc = logging_cfg
     logger = MetricsLogger(out_dir / "metrics.jsonl", resume_step,
                            tensorboard=bool(lc and lc.tensorboard),
                            wandb_project=(lc.wandb_project if lc and lc.wandb else None),
-                           run_config=run_config)
+                           run_config=run_config, enabled=main)
     use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and device.type == "cuda"
                                     and torch.cuda.is_bf16_supported())
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 \
         else nullcontext
-    progress = Progress(total_steps, state["global_step"], cfg.progress)
+    progress = Progress(total_steps, state["global_step"], cfg.progress and main)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     status = "completed"
@@ -427,30 +469,47 @@ def train_loop(
         return save_checkpoint(ckpt_root, state["global_step"], model, optimizer, scheduler,
                                dict(state), cfg.keep_last)
 
+    def evaluate() -> dict[str, float]:
+        with engine.full_parameters():
+            metrics = eval_fn(model)
+        model.train()
+        return metrics
+
     try:
         with _StopFlag() as stop:
             step_t0 = time.perf_counter()
             while state["global_step"] < total_steps:
                 epoch = state["epoch"]
-                micro = batches(epoch)
-                groups = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+                with engine.full_parameters():  # a source may run the model (RL rollouts)
+                    micro = batches(epoch)
+                groups = [micro[i:i + per_step] for i in range(0, len(micro), per_step)]
                 for gi in range(state["group_in_epoch"], len(groups)):
                     if state["global_step"] >= total_steps:
                         break
                     group = groups[gi]
                     # Normalising every micro-batch by the step's global target count makes
-                    # accumulation over k micro-batches identical to one batch k times larger.
-                    n_global = _global_sum(sum(count_fn(b) for b in group), device)
-                    loss_total, metric_sums = 0.0, {}
-                    for b in group:
+                    # accumulation over k micro-batches (on any number of ranks) identical to one
+                    # batch k times larger. Every rank holds the whole step, so no communication.
+                    n_global = sum(count_fn(b) for b in group)
+                    scale = engine.grad_scale / max(1, n_global)
+                    mine = distributed.shard_step(group, rank, world)
+                    loss_local, metric_sums = 0.0, {}
+                    for j, (b, counts) in enumerate(mine):
                         b = _to_device(b, device)
-                        with autocast():
-                            out = loss_fn(model, b)
-                        (out.loss_sum / max(1, n_global)).backward()
-                        loss_total += float(out.loss_sum.detach())
+                        with engine.accumulating(sync=j == len(mine) - 1):
+                            with autocast():
+                                out = engine.forward(loss_fn, b)
+                            (out.loss_sum * (scale if counts else 0.0)).backward()
+                        weight = out.n_targets if counts else 0
+                        loss_local += float(out.loss_sum.detach()) if counts else 0.0
                         for k, v in out.metrics.items():
-                            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * out.n_targets
-                    loss = loss_total / max(1, n_global)
+                            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * weight
+                    # One small all-reduce: the loss, the metrics and whether any rank got a signal.
+                    keys = sorted(metric_sums)
+                    totals = distributed.all_reduce_sum(
+                        [loss_local, float(stop.signum is not None), *(metric_sums[k] for k in keys)])
+                    loss = totals[0] / max(1, n_global)
+                    stop_now = totals[1] > 0
                     step_no = state["global_step"] + 1
                     if not math.isfinite(loss):
                         optimizer.zero_grad(set_to_none=True)
@@ -459,11 +518,9 @@ def train_loop(
                             f"loss is {loss} at step {step_no} (epoch {epoch}); the weights were "
                             f"not updated. {where}. Lower train.lr, check the data, or enable "
                             f"train.max_grad_norm, then resume with --resume")
-                    if cfg.max_grad_norm is not None:
-                        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                    else:
-                        gnorm = float(torch.linalg.vector_norm(
-                            torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+                    # With no limit the clip factor is exactly 1: this only measures the norm.
+                    gnorm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
+                        trainable, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf)))
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
@@ -477,18 +534,17 @@ def train_loop(
                               "loss": loss, "lr": lr, "grad_norm": gnorm,
                               f"{unit}_per_s": n_global / max(1e-9, now - step_t0),
                               "tokens_seen": state["tokens_seen"]}
-                    for k, v in metric_sums.items():
+                    for k, v in zip(keys, totals[2:]):
                         record[k] = v / max(1, n_global)
                     if eval_fn is not None and cfg.eval_every and step_no % cfg.eval_every == 0:
-                        record.update(eval_fn(model))
-                        model.train()
+                        record.update(evaluate())
                     if step_no % cfg.log_every == 0 or step_no == total_steps:
                         logger.log(record)
                     last_metrics = record
                     progress.update(step_no, f"loss {loss:.4f} lr {lr:.2e}")
                     if cfg.save_every and step_no % cfg.save_every == 0:
                         last_ckpt = checkpoint()
-                    if stop.signum is not None:
+                    if stop_now:
                         if last_ckpt is None or not last_ckpt.name.endswith(f"{step_no:08d}"):
                             last_ckpt = checkpoint()
                         status = "interrupted"
@@ -501,10 +557,26 @@ def train_loop(
                     state["group_in_epoch"] = 0
             if status == "completed" and eval_fn is not None and not (
                     cfg.eval_every and state["global_step"] % cfg.eval_every == 0):
-                final_eval = eval_fn(model)
+                final_eval = evaluate()
                 last_metrics = {**last_metrics, **final_eval}
                 logger.log({"step": state["global_step"], **final_eval})
     finally:
         progress.close()
         logger.close()
     return LoopResult(state["global_step"], status, last_ckpt, last_metrics)
+
+
+def _check_same_global_batch(saved: dict, cfg: TrainConfig, world: int, path: Path) -> None:
+    """Exact resume needs the same micro-batches per step; say how to get them back if not."""
+    before = saved.get("micro_batches_per_step", cfg.grad_accum)
+    now = cfg.grad_accum * world
+    if before == now:
+        return
+    ranks = saved.get("world_size", 1)
+    fix = (f"Set train.grad_accum={before // world} to keep the global batch" if before % world == 0
+           else f"Use a number of ranks that divides {before}")
+    raise TrainingError(
+        f"checkpoint {path} was written with {before} micro-batches per optimizer step ({ranks} rank(s) "
+        f"x grad_accum {before // max(1, ranks)}); this run has {now} ({world} rank(s) x grad_accum "
+        f"{cfg.grad_accum}), which would change the global batch and the data position. {fix}, or "
+        f"start a new output_dir")

@@ -226,3 +226,349 @@ def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tenso
     if center_coefficient:
         loss = loss + center_coefficient * (reward_chosen + reward_rejected) ** 2
     return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Knowledge distillation. Teacher and student share a vocabulary; inputs are (N, V) logits at the N
+# target positions (or the teacher's top-k log-probs there). Outputs are sums over positions, like
+# token_nll_sum, so the loop normalises by the global target-token count.
+
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _kl_rows(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p || q) from log-probabilities; terms where p = 0 contribute 0 (not NaN)."""
+    p = p_logp.exp()
+    terms = torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def kd_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str = "forward_kl",
+                  beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence between teacher and student distributions given as log-probabilities.
+
+    - ``forward_kl``: KL(p_T || p_S), the classic KD objective (Hinton et al. 2015): mean-seeking,
+      the student covers every mode of the teacher.
+    - ``reverse_kl``: KL(p_S || p_T) (MiniLLM, Gu et al. 2024): mode-seeking.
+    - ``jsd``: generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 3):
+      ``beta KL(p_T || M) + (1 - beta) KL(p_S || M)`` with ``M = beta p_T + (1 - beta) p_S``.
+      The divergence itself vanishes at both ends; as in GKD/TRL, ``beta = 0`` is defined as forward
+      KL and ``beta = 1`` as reverse KL, the limits of ``JSD/beta`` and ``JSD/(1 - beta)``.
+
+    Args:
+        teacher_logp: (..., K) log-probabilities (each row sums to 1 in probability).
+        student_logp: (..., K) log-probabilities over the same K outcomes.
+
+    Returns:
+        (...,) divergences in nats.
+    """
+    if kind == "forward_kl":
+        return _kl_rows(teacher_logp, student_logp)
+    if kind == "reverse_kl":
+        return _kl_rows(student_logp, teacher_logp)
+    if kind != "jsd":
+        raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return _kl_rows(teacher_logp, student_logp)
+    if beta == 1.0:
+        return _kl_rows(student_logp, teacher_logp)
+    mix = torch.logsumexp(torch.stack([teacher_logp + torch.log(torch.tensor(beta)),
+                                       student_logp + torch.log(torch.tensor(1.0 - beta))]), dim=0)
+    return beta * _kl_rows(teacher_logp, mix) + (1.0 - beta) * _kl_rows(student_logp, mix)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            kind: str = "forward_kl", beta: float = 0.5, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed token-level KD loss ``T^2 * sum_i D(softmax(t_i / T), softmax(s_i / T))`` over full vocabularies.
+
+    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015,
+    sec. 2). fp32 log-softmaxes exist for at most ``chunk_size`` rows at a time; the teacher side
+    carries no gradient.
+
+    Args:
+        student_logits: (N, V) student logits at the target positions.
+        teacher_logits: (N, V) teacher logits at the same positions (same vocabulary order).
+        temperature: Softening temperature T > 0.
+        kind, beta: See :func:`kd_divergence`.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: teacher and student must share the vocabulary")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, student_logits.shape[0], chunk_size):
+        sl = torch.log_softmax(student_logits[s:s + chunk_size].float() / temperature, dim=-1)
+        tl = torch.log_softmax(teacher_logits[s:s + chunk_size].detach().float() / temperature, dim=-1)
+        total = total + kd_divergence(tl, sl, kind, beta).sum()
+    return total * temperature ** 2
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0,
+                  chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k most likely ids of ``softmax(logits / T)``, their log-probs, and the log of the rest's mass.
+
+    Returns:
+        ``(ids (N, k) long, logp (N, k) float32, rest (N,) float32)``; ``rest`` is -inf when k >= V.
+    """
+    ids, logp, rest = [], [], []
+    k = min(k, logits.shape[-1])
+    for s in range(0, logits.shape[0], chunk_size):
+        lp = torch.log_softmax(logits[s:s + chunk_size].detach().float() / temperature, dim=-1)
+        top = torch.topk(lp, k, dim=-1)
+        ids.append(top.indices)
+        logp.append(top.values)
+        rest.append(_log_rest(lp, top.indices))
+    if not ids:
+        z = logits.new_zeros((0, k))
+        return z.long(), z.float(), logits.new_zeros(0).float()
+    return torch.cat(ids), torch.cat(logp), torch.cat(rest)
+
+
+def _log_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``ids`` (computed from the complement, not 1 - sum)."""
+    return torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)
+
+
+def kd_loss_topk(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
+                 teacher_rest: torch.Tensor, temperature: float = 1.0, kind: str = "forward_kl",
+                 beta: float = 0.5, chunk_size: int = 1024) -> torch.Tensor:
+    """KD against a teacher known only by its top-k: summed ``T^2 * D`` over k + 1 outcomes.
+
+    Both distributions are coarse-grained to the teacher's k tokens plus one "every other token"
+    outcome (the teacher's ``rest`` mass; the student's own mass outside those k). This is exact for
+    the coarse-grained distributions, is 0 when the two models agree, still pushes student mass off
+    tokens the teacher finds unlikely, and is at most the full-vocabulary divergence (data
+    processing inequality). ``teacher_logp`` and ``teacher_rest`` must be computed at the same
+    temperature (see :func:`topk_logprobs`).
+
+    Args:
+        student_logits: (N, V).
+        teacher_ids: (N, k) token ids.
+        teacher_logp: (N, k) teacher log-probs at temperature T.
+        teacher_rest: (N,) log of the teacher's remaining mass at temperature T.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, student_logits.shape[0], chunk_size):
+        e = s + chunk_size
+        sl = torch.log_softmax(student_logits[s:e].float() / temperature, dim=-1)
+        idx = teacher_ids[s:e].long()
+        s_top = torch.gather(sl, -1, idx)
+        s_rest = _log_rest(sl, idx)
+        t_full = torch.cat([teacher_logp[s:e].float(), teacher_rest[s:e].float().unsqueeze(-1)], dim=-1)
+        s_full = torch.cat([s_top, s_rest.unsqueeze(-1)], dim=-1)
+        total = total + kd_divergence(t_full.detach(), s_full, kind, beta).sum()
+    return total * temperature ** 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Online RL (PPO, GRPO). Per-token quantities are (B, T) tensors over the *response* tokens of B
+# sequences, right-padded, with a (B, T) mask that is 1 on real response tokens. Padding positions
+# never influence a result (they are masked out of sums, means and the GAE recursion).
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (0 where the mask is empty)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked positions; padding positions come back as 0.
+
+    The variance is the population variance (divide by n): whitening is a normalisation, not an
+    estimate. With ``shift_mean=False`` the mean is added back (PPO's reward whitening keeps the
+    sign of the rewards; Ziegler et al. 2019).
+    """
+    m = mask.to(x.dtype)
+    mean = masked_mean(x, m)
+    var = masked_mean((x - mean) ** 2, m)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over per-token rewards (Schulman et al. 2016, eq. 11-16).
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` and ``A_t = delta_t + gamma lambda A_{t+1}``, with
+    ``V_{t+1} = 0`` and ``A_{t+1} = 0`` past a sequence's last real token (the episode ends there).
+    Returns ``R_t = A_t + V_t`` are the value targets (lambda-returns).
+
+    Args:
+        rewards: (B, T) per-token rewards (for RLHF: -beta * KL each token, plus the score at the last).
+        values: (B, T) value estimates V(s_t), detached.
+        mask: (B, T) 1 on real response tokens (a contiguous prefix of each row).
+        gamma: Discount.
+        lam: GAE lambda (1 = Monte-Carlo returns minus V; 0 = one-step TD errors).
+
+    Returns:
+        ``(advantages, returns)``, both (B, T) and 0 at padding positions.
+    """
+    if rewards.shape != values.shape or rewards.shape != mask.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same shape")
+    m = mask.to(rewards.dtype)
+    rewards, values = rewards * m, values.detach() * m
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = rewards.new_zeros(rewards.shape[0])
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] * m[:, t + 1] if t + 1 < T else rewards.new_zeros(rewards.shape[0])
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * m
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from the log-probs of tokens sampled from pi.
+
+    With ``r = ref_logp - logp`` (Schulman 2020, "Approximating KL divergence"):
+    ``k1 = -r`` (unbiased, can be negative), ``k2 = r^2 / 2`` (biased, low variance, >= 0),
+    ``k3 = exp(r) - 1 - r`` (unbiased and >= 0; the GRPO paper's KL term, Shao et al. 2024, eq. 4).
+    """
+    r = ref_logp - logp
+    if kind == "k1":
+        return -r
+    if kind == "k2":
+        return 0.5 * r ** 2
+    if kind == "k3":
+        return torch.expm1(r) - r
+    raise ValueError(f"kind must be k1, k2 or k3, got {kind!r}")
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    clip_eps: float = 0.2, clip_eps_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token: ``-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A)``.
+
+    ``rho = exp(logp - old_logp)`` (Schulman et al. 2017, "Proximal Policy Optimization", eq. 7).
+    When rho = 1 (first pass over fresh rollouts) the value is ``-A`` and the gradient is the plain
+    policy gradient ``-A * grad log pi``. ``clip_eps_high`` (DAPO's clip-higher) defaults to
+    ``clip_eps``.
+
+    Returns:
+        ``(loss, clipped)``: (B, T) per-token losses and a (B, T) bool of tokens where the clipped
+        branch was taken (for the clip-fraction metric). Aggregate with a mask.
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(logp - old_logp.detach())
+    adv = advantages.detach()
+    unclipped = ratio * adv
+    clipped_term = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * adv
+    loss = -torch.minimum(unclipped, clipped_term)
+    return loss, (clipped_term < unclipped).detach()
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   clip_eps: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss per token: ``0.5 * max((V - R)^2, (V_clip - R)^2)``.
+
+    ``V_clip = old_V + clip(V - old_V, -eps, eps)`` keeps the value function from moving far from
+    the one that produced the advantages (the PPO2 baselines implementation; Ziegler et al. 2019).
+
+    Returns:
+        ``(loss, clipped)``, both (B, T); ``clipped`` marks tokens where the clipped branch is larger.
+    """
+    old, ret = old_values.detach(), returns.detach()
+    v_clip = old + torch.clamp(values - old, -clip_eps, clip_eps)
+    a, b = (values - ret) ** 2, (v_clip - ret) ** 2
+    return 0.5 * torch.maximum(a, b), (b > a).detach()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalised advantages: ``(r_i - mean(r_group)) / (std(r_group) + eps)``.
+
+    Shao et al. 2024, "DeepSeekMath" (GRPO, sec. 4.1.2, outcome supervision). Rewards are laid out
+    group by group: ``rewards[k * G:(k + 1) * G]`` are the G completions of prompt k.
+
+    Std convention: the *sample* standard deviation (divide by G - 1), as ``torch.std`` and TRL
+    compute it, plus ``eps`` = 1e-4 in the denominator. For rewards [1, 0, 0, 0]: mean 0.25,
+    sample std 0.5, advantages [1.5, -0.5, -0.5, -0.5] (up to eps). A group whose rewards are all
+    equal gets advantage 0 (no signal; the std is 0 and the numerator is 0). ``scale=False`` skips
+    the division (Dr. GRPO, Liu et al. 2025, which argues the std term biases towards easy or
+    hopeless prompts).
+
+    Args:
+        rewards: (N * G,) scalar rewards.
+        group_size: G, completions per prompt (>= 2 for a meaningful baseline).
+
+    Returns:
+        (N * G,) float32 advantages.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
+                         f"got shape {tuple(rewards.shape)}")
+    g = rewards.float().view(-1, group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale:
+        std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+GRPO_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo")
+
+
+def aggregate_token_loss(per_token: torch.Tensor, mask: torch.Tensor, kind: str = "grpo",
+                         max_completion_length: int | None = None) -> tuple[torch.Tensor, int]:
+    """Reduce (B, T) per-token losses to the *sum* the training loop expects, and its unit count.
+
+    The loop divides the summed loss by the step's total unit count, so each aggregation is written
+    as ``(sum, units)`` with ``sum / units`` the loss of that micro-batch:
+
+    - ``grpo``: mean over each sequence's tokens, then mean over sequences (the GRPO paper, eq. 3).
+      Every sequence weighs the same, so tokens of long sequences weigh less (a length bias).
+      Returns ``(sum of per-sequence means, B)``.
+    - ``bnpo``: mean over all tokens of the batch (DAPO's token-level loss, Yu et al. 2025):
+      every token weighs the same. Returns ``(sum of token losses, number of tokens)``.
+    - ``dr_grpo``: ``sum / (B * max_completion_length)`` (Dr. GRPO, Liu et al. 2025): a constant
+      normaliser, so neither length nor batch composition re-weights tokens. Returns
+      ``(sum of token losses, B * max_completion_length)``.
+
+    Args:
+        per_token: (B, T) losses.
+        mask: (B, T) 1 on real completion tokens.
+        kind: One of ``GRPO_AGGREGATIONS``.
+        max_completion_length: Required for ``dr_grpo`` (the sampling limit, not this batch's max).
+    """
+    m = mask.to(per_token.dtype)
+    if kind == "grpo":
+        per_seq = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
+        return per_seq.sum(), int(per_token.shape[0])
+    if kind == "bnpo":
+        return (per_token * m).sum(), int(m.sum())
+    if kind == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("dr_grpo needs max_completion_length (the max_new_tokens of sampling)")
+        return (per_token * m).sum(), int(per_token.shape[0] * max_completion_length)
+    raise ValueError(f"kind must be one of {GRPO_AGGREGATIONS}, got {kind!r}")
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, sec. 2.2): moves beta so the observed KL tracks a target.
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``beta <- beta * (1 + e * n_steps / horizon)``.
+    """
+
+    def __init__(self, init_beta: float, target: float, horizon: float = 10000.0):
+        self.value, self.target, self.horizon = init_beta, target, horizon
+
+    def update(self, observed_kl: float, n_steps: int) -> float:
+        err = max(-0.2, min(0.2, observed_kl / self.target - 1.0))
+        self.value *= 1.0 + err * n_steps / self.horizon
+        return self.value

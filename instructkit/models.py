@@ -83,7 +83,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_token
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     if reward_head:
         kwargs.update(num_labels=1, pad_token_id=pad_token_id)
     auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
@@ -281,15 +281,22 @@ def save_final(model, tokenizer, out: Path, lora: LoraConfig, extra_info: dict |
 
     The tokenizer is saved alongside with the chat template used in training, so inference renders
     prompts exactly as training did. With ``lora.merge_on_save`` the merged model is also written to
-    ``out/merged``.
+    ``out/merged``. Under torchrun every rank must call it (FSDP2 gathers the shards); only rank
+    0 writes.
     """
+    from instructkit import distributed
+
     out = Path(out)
+    # Under FSDP2 the weights are sharded: every rank joins the gather, rank 0 writes.
+    full = distributed.full_state_dict(model)
+    if not distributed.is_main_process():
+        return out
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         import shutil
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
     tokenizer.save_pretrained(tmp)
     if lora.enabled and lora.merge_on_save:
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

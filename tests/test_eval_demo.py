@@ -156,6 +156,12 @@ def test_demo_pipeline_end_to_end_at_miniature_scale(tmp_path):
     assert "heldout_family" in md.read_text() and (tmp_path / "demo/accuracy.png").exists()
     assert (tmp_path / "demo/sft-full/final/config.json").exists()
     assert (tmp_path / "demo/sft-lora/final/adapter_config.json").exists()
-    again = run_demo(out=tmp_path / "demo2", **kw)
+    again = run_demo(out=tmp_path / "demo2", with_stages=("dpo", "reward"), **kw)
     assert again["base"] == summary["base"]  # cached
     assert again["times"]["base model"] < summary["times"]["base model"]
+    # Optional preference stages: DPO is evaluated like the SFT models; the reward model reports pairs.
+    assert set(again["results"]) == {"base", "sft-full", "sft-lora", "dpo"}
+    assert set(again["preference"]) == {"dpo", "reward"}
+    assert 0.0 <= again["preference"]["reward"]["eval_accuracy"] <= 1.0
+    md2, _ = write_report(tmp_path / "demo2", again, ["instructkit demo --with dpo,reward"])
+    assert "Preference stages" in md2.read_text()

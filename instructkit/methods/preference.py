@@ -21,6 +21,7 @@ from instructkit import losses
 from instructkit.config import PreferenceConfig, RunConfig, dump_config
 from instructkit.data.pairs import count_units, load_pair_data, plan_pair_batches
 from instructkit.data.pipeline import prepare_template
+from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
 from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, unit_logps
 from instructkit.reference import Reference, cache_key, load_or_compute
@@ -165,6 +166,8 @@ def main(cfg: RunConfig) -> LoopResult:
             f"{unit}_per_s": round(result.final_metrics.get("tokens_seen", 0) / max(1e-9, elapsed), 2),
             "final_metrics": result.final_metrics}
     final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
+    if not is_main_process():  # under torchrun, rank 0 reports and writes the summary
+        return result
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     fm = result.final_metrics
     extra = f", eval accuracy {fm['eval_accuracy']:.1%}" if "eval_accuracy" in fm else ""

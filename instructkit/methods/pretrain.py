@@ -14,6 +14,7 @@ import time
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.text import chunk_rows, lm_batches, read_documents, token_stream
 from instructkit.data.pipeline import as_list
+from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, nll_step, start_run, train_loop
 from instructkit.models import count_trainable, load_model, load_tokenizer, mean_nll, save_final
 
@@ -62,6 +63,8 @@ def main(cfg: RunConfig) -> LoopResult:
     info = {"method": "pretrain", "base_model": cfg.model.name_or_path, "steps": result.global_step,
             "tokens": int(rows.numel()), "seconds": round(elapsed, 2), "final_metrics": result.final_metrics}
     save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
+    if not is_main_process():  # under torchrun, rank 0 reports and writes the summary
+        return result
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     print(f"done: {result.global_step} steps in {elapsed:.1f}s, loss {result.final_metrics.get('loss', 0):.4f}",
           file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.pairs import count_units, load_pair_data, plan_pair_batches
 from instructkit.data.pipeline import prepare_template
+from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
 from instructkit.losses import bradley_terry_loss
 from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, unit_rewards
@@ -83,6 +84,8 @@ def main(cfg: RunConfig) -> LoopResult:
             "steps": result.global_step, "train_pairs": data.n_train, "skipped": len(data.report),
             "seconds": round(elapsed, 2), "final_metrics": result.final_metrics}
     final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
+    if not is_main_process():  # under torchrun, rank 0 reports and writes the summary
+        return result
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     fm = result.final_metrics
     acc = f", eval pairwise accuracy {fm['eval_accuracy']:.1%}" if "eval_accuracy" in fm else ""

@@ -13,6 +13,7 @@ import time
 
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
+from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, count_targets, nll_step, start_run, train_loop
 from instructkit.models import count_trainable, load_model, load_tokenizer, mean_nll, save_final
 
@@ -65,6 +66,8 @@ def main(cfg: RunConfig) -> LoopResult:
             "skipped": len(data.report), "seconds": round(elapsed, 2),
             "final_metrics": result.final_metrics}
     final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
+    if not is_main_process():  # under torchrun, rank 0 reports and writes the summary
+        return result
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     loss = result.final_metrics.get("loss")
     print(f"done: {result.global_step} steps in {elapsed:.1f}s, final loss "
