@@ -116,7 +116,13 @@ def test_packed_and_padded_logps_agree_with_direct_computation(skills, tiny_mode
                 for k, unit in enumerate(u.tolist()):
                     assert counts[k, 0] == data.units[unit][0].n_targets
         got[packing] = table
-    assert torch.allclose(got[True], got[False], atol=1e-3)
+    # Packed rows use the shared-prompt layout (prompt once, two branches): same log-probs as
+    # separate padded sequences, with fewer tokens.
+    assert torch.allclose(got[True], got[False], atol=1e-4)
+    from instructkit.data.pairs import shared_prompt_layout
+    laid = [shared_prompt_layout(*u) for u in data.units]
+    assert all(len(sh) > 0 for sh, _, _ in laid)
+    assert sum(len(sh) + len(a) + len(b) for sh, (a, _), (b, _) in laid) < 0.8 * sum(len(s) for s in data.sequences)
     # Direct: one sequence alone through the plain HF forward with a full log-softmax.
     for s in (0, 1, 7):
         ex = data.sequences[s]
@@ -126,6 +132,29 @@ def test_packed_and_padded_logps_agree_with_direct_computation(skills, tiny_mode
         keep = labels != IGNORE_INDEX
         direct = torch.log_softmax(logits, -1)[keep].gather(-1, labels[keep][:, None]).sum()
         assert float(got[True][s]) == pytest.approx(float(direct), abs=1e-3)
+
+
+def test_reward_head_same_in_shared_and_padded_layouts(skills, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from instructkit.models import unit_rewards
+
+    tmpl = resolve_template(tiny_tokenizer, "auto")
+    data = load_pair_data(data_cfg(skills / "preference_validation.jsonl", max_length=128), tiny_tokenizer, tmpl,
+                          seed=0)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1,
+                                                               pad_token_id=tiny_tokenizer.pad_token_id).eval()
+    got = {}
+    for packing in (True, False):
+        table = torch.zeros(2 * data.n_train)
+        for b in plan_pair_batches(data, split="train", packing=packing, micro_batch_size=4, max_length=128,
+                                   pad_id=tiny_tokenizer.pad_token_id, seed=0, shuffle=False).source(0):
+            with torch.no_grad():
+                r = unit_rewards(model, b)
+            table[2 * b["units"]], table[2 * b["units"] + 1] = r[:, 0], r[:, 1]
+        got[packing] = table
+    assert torch.allclose(got[True], got[False], atol=1e-4)
 
 
 def test_dpo_loss_matches_trl(skills, tiny_model_dir, tiny_tokenizer, tmp_path):

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from instructkit.data.encode import EncodedExample, encode_preference
+from instructkit.data.encode import IGNORE_INDEX, EncodedExample, encode_preference
 from instructkit.data.errors import DataError, SkipReport
 from instructkit.data.formats import load_examples
-from instructkit.data.packing import collate_packed, collate_padded, pack_best_fit_decreasing
+from instructkit.data.packing import collate_padded, pack_best_fit_decreasing
 from instructkit.data.pipeline import as_list
 
 
@@ -138,6 +138,75 @@ class PairBatchPlan:
     packing_efficiency: float | None
 
 
+def shared_prompt_layout(first: EncodedExample, second: EncodedExample):
+    """Split a unit into a shared prompt prefix and two branches, computed once in a packed row.
+
+    Layout ``[shared][branch 1][branch 2]``: ``shared`` is the prompt without its last token; each
+    branch starts with its own copy of the prompt's last token (so the usual one-token shift
+    predicts each response's first token from it) followed by that side's response. Both branches
+    see the shared prefix and themselves, never each other, and take positions after the prefix,
+    so every response token gets exactly the logits it would get as a separate sequence while the
+    prompt is run once instead of twice. Units whose two sides do not start with the same prompt
+    tokens get an empty prefix (two independent sequences).
+
+    Returns:
+        ``(shared_ids, (ids_1, labels_1), (ids_2, labels_2))``.
+    """
+    n1 = next(i for i, t in enumerate(first.labels) if t != IGNORE_INDEX)
+    n2 = next(i for i, t in enumerate(second.labels) if t != IGNORE_INDEX)
+    p = n1 - 1
+    if n1 == n2 and n1 >= 2 and first.input_ids[:n1] == second.input_ids[:n1]:
+        return (first.input_ids[:p], (first.input_ids[p:], first.labels[p:]),
+                (second.input_ids[p:], second.labels[p:]))
+    return [], (first.input_ids, first.labels), (second.input_ids, second.labels)
+
+
+def _unit_length(data: PairData, u: int) -> int:
+    shared, (a, _), (b, _) = shared_prompt_layout(*data.units[u])
+    return len(shared) + len(a) + len(b)
+
+
+def collate_shared(data: PairData, rows: Sequence[Sequence[int]], *, pad_id: int,
+                   pad_to_multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
+    """Packed rows of units in the shared-prompt layout (see :func:`shared_prompt_layout`).
+
+    ``attention_mask`` is (B, 1, L, L) bool: position i may attend j when j <= i, both belong to
+    the same unit, and j is in the shared prefix or in i's own branch (padding attends to itself).
+    """
+    length = max(sum(_unit_length(data, u) for u in row) for row in rows)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    b = len(rows)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((b, length), dtype=torch.long)
+    example_index = torch.full((b, length), -1, dtype=torch.long)
+    unit_of = torch.full((b, length), -1, dtype=torch.long)
+    branch = torch.zeros((b, length), dtype=torch.long)  # 0 shared, 1 first side, 2 second side
+    for r, row in enumerate(rows):
+        pos = 0
+        for u in row:
+            shared, (ids1, lab1), (ids2, lab2) = shared_prompt_layout(*data.units[u])
+            parts = [(shared, [IGNORE_INDEX] * len(shared), 0, 2 * u, 0),
+                     (ids1, lab1, 1, 2 * u, len(shared)), (ids2, lab2, 2, 2 * u + 1, len(shared))]
+            for ids, labs, br, seq, start in parts:
+                n = len(ids)
+                input_ids[r, pos:pos + n] = torch.tensor(ids, dtype=torch.long)
+                labels[r, pos:pos + n] = torch.tensor(labs, dtype=torch.long)
+                position_ids[r, pos:pos + n] = torch.arange(start, start + n)
+                example_index[r, pos:pos + n] = seq
+                unit_of[r, pos:pos + n] = u
+                branch[r, pos:pos + n] = br
+                pos += n
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_unit = (unit_of[:, :, None] == unit_of[:, None, :]) & (unit_of >= 0)[:, :, None]
+    visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    eye = torch.eye(length, dtype=torch.bool)
+    mask = (causal & same_unit & visible) | eye
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": mask[:, None, :, :], "example_index": example_index}
+
+
 def collate_units(data: PairData, unit_ids: Sequence[int], rows: Sequence[Sequence[int]] | None, *,
                   pad_id: int) -> dict[str, torch.Tensor]:
     """One micro-batch holding both sequences of every unit in ``unit_ids``.
@@ -145,18 +214,19 @@ def collate_units(data: PairData, unit_ids: Sequence[int], rows: Sequence[Sequen
     Args:
         data: The encoded units.
         unit_ids: Global unit ids of this batch.
-        rows: Packed layout: per row, the units it holds (both sequences of a unit sit side by side);
-            None for padded batches (one sequence per row: all first sequences, then all seconds).
+        rows: Packed layout: per row, the units it holds, each in the shared-prompt layout of
+            :func:`shared_prompt_layout`; None for padded batches (one sequence per row: all first
+            sequences, then all seconds).
         pad_id: Padding token id.
 
     Returns:
         The usual causal-LM batch keys, ``example_index`` holding global sequence ids (-1 on
         padding), ``units`` (P,) and, for KTO, ``desirable`` (P,) bool.
     """
-    seqs = data.sequences
     if rows is not None:
-        batch = collate_packed(seqs, [[s for u in row for s in (2 * u, 2 * u + 1)] for row in rows], pad_id=pad_id)
+        batch = collate_shared(data, rows, pad_id=pad_id)
     else:
+        seqs = data.sequences
         order = [2 * u for u in unit_ids] + [2 * u + 1 for u in unit_ids]
         batch = collate_padded([seqs[i] for i in order], pad_id=pad_id)
         lookup = torch.tensor(order, dtype=torch.long)
@@ -172,13 +242,13 @@ def plan_pair_batches(data: PairData, *, split: str, packing: bool, micro_batch_
                       pad_id: int, seed: int, shuffle: bool) -> PairBatchPlan:
     """Group the train or eval units into micro-batches.
 
-    Packing puts whole units into rows of ``2 * max_length`` tokens (best-fit decreasing), so a
-    unit's two sequences always share a row and a micro-batch; ``micro_batch_size`` is rows per
-    micro-batch. Padded batches hold ``micro_batch_size`` units (twice as many sequences).
+    Packing puts whole units into rows of ``2 * max_length`` tokens (best-fit decreasing) in the
+    shared-prompt layout, so a unit's prompt is computed once and its two sides always share a row
+    and a micro-batch; ``micro_batch_size`` is rows per micro-batch. Padded batches hold ``micro_batch_size`` units (twice as many sequences).
     """
     ids = list(range(data.n_train)) if split == "train" else list(range(data.n_train, len(data.units)))
     if packing:
-        lengths = [len(data.units[u][0]) + len(data.units[u][1]) for u in ids]
+        lengths = [_unit_length(data, u) for u in ids]
         rows = [[ids[i] for i in row] for row in pack_best_fit_decreasing(lengths, 2 * max_length)]
         eff = sum(lengths) / (len(rows) * 2 * max_length) if rows else None
         groups: list[list[int]] = rows
