@@ -563,6 +563,9 @@ def train_loop(
     finally:
         progress.close()
         logger.close()
+    if status == "interrupted" and main:
+        print(f"interrupted at step {state['global_step']}; checkpoint {last_ckpt}. "
+              f"Resume with: instructkit train {out_dir / 'config.yaml'} --resume", file=sys.stderr)
     return LoopResult(state["global_step"], status, last_ckpt, last_metrics)
 
 

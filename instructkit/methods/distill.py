@@ -25,7 +25,6 @@ from instructkit.data.encode import EncodedExample
 from instructkit.data.packing import collate_padded
 from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
 from instructkit.distributed import is_main_process
-from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, StepOutput, count_targets, start_run, train_loop
 from instructkit.losses import token_nll_sum
 from instructkit.models import (count_trainable, load_model, load_tokenizer, mean_nll, resolve_dtype, save_final,
@@ -167,9 +166,7 @@ def main(cfg: RunConfig) -> LoopResult:
     elapsed = time.perf_counter() - t0
 
     # --- save
-    if result.status == "interrupted":
-        print(f"interrupted at step {result.global_step}; checkpoint {result.last_checkpoint}. "
-              f"Resume with: instructkit train {out_dir / 'config.yaml'} --resume", file=sys.stderr)
+    if result.status == "interrupted":  # the loop has saved a checkpoint and printed how to resume
         return result
     info = {"method": "distill", "base_model": cfg.model.name_or_path, "teacher": d.teacher, "lora": cfg.lora.enabled,
             "distill": d.model_dump(mode="json"), "steps": result.global_step, "train_examples": len(data.train),

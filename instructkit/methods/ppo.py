@@ -222,9 +222,7 @@ def main(cfg: RunConfig) -> LoopResult:
     elapsed = time.perf_counter() - t0
 
     # --- save: the policy as a normal model folder, the value head next to it
-    if result.status == "interrupted":
-        print(f"interrupted at step {result.global_step}; checkpoint {result.last_checkpoint}. "
-              f"Resume with: instructkit train {out_dir / 'config.yaml'} --resume", file=sys.stderr)
+    if result.status == "interrupted":  # the loop has saved a checkpoint and printed how to resume
         return result
     value_head = model.value_head
     del model.value_head

@@ -156,9 +156,7 @@ def main(cfg: RunConfig) -> LoopResult:
     elapsed = time.perf_counter() - t0
 
     # --- save
-    if result.status == "interrupted":
-        print(f"interrupted at step {result.global_step}; checkpoint {result.last_checkpoint}. "
-              f"Resume with: instructkit train {out_dir / 'config.yaml'} --resume", file=sys.stderr)
+    if result.status == "interrupted":  # the loop has saved a checkpoint and printed how to resume
         return result
     info = {"method": method, "base_model": cfg.model.name_or_path, "lora": cfg.lora.enabled,
             "steps": result.global_step, f"train_{unit}": data.n_train, "truncated": data.n_truncated,
