@@ -17,14 +17,15 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from instructkit.data.encode import IGNORE_INDEX, EncodedExample, encode_preference
 from instructkit.data.errors import DataError, SkipReport
 from instructkit.data.formats import load_examples
-from instructkit.data.packing import collate_padded, pack_best_fit_decreasing
-from instructkit.data.pipeline import as_list
+from instructkit.data.packing import collate_padded, pack_best_fit_decreasing, packing_efficiency
+from instructkit.data.pipeline import as_list, epoch_source
 
 
 @dataclass
@@ -51,6 +52,11 @@ class PairData:
     def sequences(self) -> list[EncodedExample]:
         """All sequences in global-id order (``2u``, ``2u + 1``)."""
         return [s for unit in self.units for s in unit]
+
+    @cached_property
+    def layouts(self) -> list:
+        """Each unit's shared-prompt layout (see :func:`shared_prompt_layout`), computed once."""
+        return [shared_prompt_layout(a, b) for a, b in self.units]
 
     @property
     def n_truncated(self) -> int:
@@ -162,7 +168,7 @@ def shared_prompt_layout(first: EncodedExample, second: EncodedExample):
 
 
 def _unit_length(data: PairData, u: int) -> int:
-    shared, (a, _), (b, _) = shared_prompt_layout(*data.units[u])
+    shared, (a, _), (b, _) = data.layouts[u]
     return len(shared) + len(a) + len(b)
 
 
@@ -186,7 +192,7 @@ def collate_shared(data: PairData, rows: Sequence[Sequence[int]], *, pad_id: int
     for r, row in enumerate(rows):
         pos = 0
         for u in row:
-            shared, (ids1, lab1), (ids2, lab2) = shared_prompt_layout(*data.units[u])
+            shared, (ids1, lab1), (ids2, lab2) = data.layouts[u]
             parts = [(shared, [IGNORE_INDEX] * len(shared), 0, 2 * u, 0),
                      (ids1, lab1, 1, 2 * u, len(shared)), (ids2, lab2, 2, 2 * u + 1, len(shared))]
             for ids, labs, br, seq, start in parts:
@@ -244,32 +250,20 @@ def plan_pair_batches(data: PairData, *, split: str, packing: bool, micro_batch_
 
     Packing puts whole units into rows of ``2 * max_length`` tokens (best-fit decreasing) in the
     shared-prompt layout, so a unit's prompt is computed once and its two sides always share a row
-    and a micro-batch; ``micro_batch_size`` is rows per micro-batch. Padded batches hold ``micro_batch_size`` units (twice as many sequences).
+    and a micro-batch; ``micro_batch_size`` is rows per micro-batch. Padded batches hold
+    ``micro_batch_size`` units (twice as many sequences).
     """
     ids = list(range(data.n_train)) if split == "train" else list(range(data.n_train, len(data.units)))
     if packing:
         lengths = [_unit_length(data, u) for u in ids]
-        rows = [[ids[i] for i in row] for row in pack_best_fit_decreasing(lengths, 2 * max_length)]
-        eff = sum(lengths) / (len(rows) * 2 * max_length) if rows else None
-        groups: list[list[int]] = rows
+        packed = pack_best_fit_decreasing(lengths, 2 * max_length)
+        eff = packing_efficiency(packed, lengths, 2 * max_length) if packed else None
+        groups: list[list[int]] = [[ids[i] for i in row] for row in packed]
     else:
         groups, eff = [[u] for u in ids], None
-    cache: dict[int, list[dict]] = {}
-
-    def source(epoch: int) -> list[dict]:
-        if epoch not in cache:
-            order = list(range(len(groups)))
-            if shuffle:
-                random.Random(seed * 1000003 + epoch).shuffle(order)
-            batches = []
-            for s in range(0, len(order), micro_batch_size):
-                chunk = [groups[i] for i in order[s:s + micro_batch_size]]
-                units = [u for g in chunk for u in g]
-                batches.append(collate_units(data, units, chunk if packing else None, pad_id=pad_id))
-            cache.clear()
-            cache[epoch] = batches
-        return cache[epoch]
-
+    source = epoch_source(groups, micro_batch_size, seed, shuffle,
+                          lambda chunk: collate_units(data, [u for g in chunk for u in g],
+                                                      chunk if packing else None, pad_id=pad_id))
     return PairBatchPlan(source, (len(groups) + micro_batch_size - 1) // micro_batch_size, eff)
 
 

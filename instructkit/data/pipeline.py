@@ -110,6 +110,28 @@ class BatchPlan:
     n_rows: int
 
 
+def epoch_source(groups: Sequence, micro_batch_size: int, seed: int, shuffle: bool,
+                 collate: Callable[[list], dict]) -> Callable[[int], list[dict]]:
+    """``epoch -> micro-batches``: ``groups`` (rows or examples) in a seeded per-epoch order, cut into
+    chunks of ``micro_batch_size`` and collated. The same epoch always gives the same list (exact
+    resume); only the latest epoch is kept in memory.
+    """
+    cache: dict[int, list[dict]] = {}
+
+    def source(epoch: int) -> list[dict]:
+        if epoch not in cache:
+            order = list(range(len(groups)))
+            if shuffle:
+                random.Random(seed * 1000003 + epoch).shuffle(order)
+            batches = [collate([groups[i] for i in order[s:s + micro_batch_size]])
+                       for s in range(0, len(order), micro_batch_size)]
+            cache.clear()
+            cache[epoch] = batches
+        return cache[epoch]
+
+    return source
+
+
 def plan_batches(examples: list[EncodedExample], *, packing: bool, micro_batch_size: int,
                  max_length: int, pad_id: int, seed: int, shuffle: bool) -> BatchPlan:
     """Group examples into micro-batches.
@@ -126,24 +148,11 @@ def plan_batches(examples: list[EncodedExample], *, packing: bool, micro_batch_s
     else:
         units = [[i] for i in range(len(examples))]
         eff = None
-    cache: dict[int, list[dict]] = {}
-
-    def source(epoch: int) -> list[dict]:
-        if epoch not in cache:
-            order = list(range(len(units)))
-            if shuffle:
-                random.Random(seed * 1000003 + epoch).shuffle(order)
-            batches = []
-            for s in range(0, len(order), micro_batch_size):
-                chunk = [units[i] for i in order[s:s + micro_batch_size]]
-                if packing:
-                    batches.append(collate_packed(examples, chunk, pad_id=pad_id))
-                else:
-                    batches.append(collate_padded([examples[r[0]] for r in chunk], pad_id=pad_id))
-            cache.clear()  # keep one epoch in memory
-            cache[epoch] = batches
-        return cache[epoch]
-
+    if packing:
+        collate = lambda chunk: collate_packed(examples, chunk, pad_id=pad_id)  # noqa: E731
+    else:
+        collate = lambda chunk: collate_padded([examples[r[0]] for r in chunk], pad_id=pad_id)  # noqa: E731
+    source = epoch_source(units, micro_batch_size, seed, shuffle, collate)
     n_micro = (len(units) + micro_batch_size - 1) // micro_batch_size
     return BatchPlan(source, n_micro, eff, len(units))
 
