@@ -81,6 +81,25 @@ def nll_step(model: torch.nn.Module, batch: dict) -> StepOutput:
     return StepOutput(*nll_sum(model, batch))
 
 
+@torch.no_grad()
+def evaluate_steps(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, dict], StepOutput],
+                   batches: Sequence[dict], device: torch.device) -> dict[str, float]:
+    """Held-out ``eval_loss`` and ``eval_<metric>`` of a method's own loss_fn, in eval mode.
+
+    The loss is the summed loss over the global count of target units; each metric is weighted by
+    its micro-batch's count, exactly as the training step averages them.
+    """
+    model.eval()
+    n, loss_sum, sums = 0, 0.0, {}
+    for b in batches:
+        out = loss_fn(model, _to_device(b, device))
+        n += out.n_targets
+        loss_sum += float(out.loss_sum)
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * out.n_targets
+    return {"eval_loss": loss_sum / max(1, n), **{f"eval_{k}": v / max(1, n) for k, v in sums.items()}}
+
+
 def count_targets(batch: dict) -> int:
     """Target tokens in a causal-LM batch: labels that are not -100, after the one-token shift."""
     return int((batch["labels"][:, 1:] != -100).sum())

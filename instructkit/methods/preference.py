@@ -22,7 +22,7 @@ from instructkit.config import PreferenceConfig, RunConfig, dump_config
 from instructkit.data.pairs import count_units, load_pair_data, plan_pair_batches
 from instructkit.data.pipeline import prepare_template
 from instructkit.distributed import is_main_process
-from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
+from instructkit.loop import LoopResult, StepOutput, evaluate_steps, start_run, train_loop
 from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, unit_logps
 from instructkit.reference import Reference, cache_key, load_or_compute
 
@@ -134,23 +134,11 @@ def main(cfg: RunConfig) -> LoopResult:
             reference = Reference(model=model, frozen_copy=not cfg.lora.enabled)
     loss_fn = make_loss_fn(method, p, reference)
 
-    @torch.no_grad()
-    def evaluate(m) -> dict[str, float]:
-        m.eval()
-        n, loss_sum, sums = 0, 0.0, {}
-        for b in eval_batches:
-            b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
-            out = loss_fn(m, b)
-            n += out.n_targets
-            loss_sum += float(out.loss_sum)
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * out.n_targets
-        return {"eval_loss": loss_sum / max(1, n), **{f"eval_{k}": v / max(1, n) for k, v in sums.items()}}
-
     # --- train: the shared loop
     t0 = time.perf_counter()
     result = train_loop(model=model, batches=plan.source, micro_per_epoch=plan.micro_per_epoch, loss_fn=loss_fn,
-                        cfg=cfg.train, out_dir=out_dir, eval_fn=evaluate if eval_batches else None,
+                        cfg=cfg.train, out_dir=out_dir,
+                        eval_fn=(lambda m: evaluate_steps(m, loss_fn, eval_batches, device)) if eval_batches else None,
                         count_fn=count_units, device=device, run_config=cfg.model_dump(mode="json"),
                         logging_cfg=cfg.logging, unit=unit)
     elapsed = time.perf_counter() - t0

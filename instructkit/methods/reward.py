@@ -12,13 +12,12 @@ import json
 import sys
 import time
 
-import torch
 
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.pairs import count_units, load_pair_data, plan_pair_batches
 from instructkit.data.pipeline import prepare_template
 from instructkit.distributed import is_main_process
-from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
+from instructkit.loop import LoopResult, StepOutput, evaluate_steps, start_run, train_loop
 from instructkit.losses import bradley_terry_loss
 from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, unit_rewards
 
@@ -55,22 +54,11 @@ def main(cfg: RunConfig) -> LoopResult:
                           {"accuracy": float((rc > rr).float().mean()), "reward_chosen": float(rc.mean()),
                            "reward_rejected": float(rr.mean()), "reward_margin": float((rc - rr).mean())})
 
-    @torch.no_grad()
-    def evaluate(m) -> dict[str, float]:
-        m.eval()
-        n, sums = 0, {"loss": 0.0, "accuracy": 0.0, "reward_margin": 0.0}
-        for b in eval_batches:
-            out = loss_fn(m, {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()})
-            n += out.n_targets
-            sums["loss"] += float(out.loss_sum)
-            sums["accuracy"] += out.metrics["accuracy"] * out.n_targets
-            sums["reward_margin"] += out.metrics["reward_margin"] * out.n_targets
-        return {f"eval_{k}": v / max(1, n) for k, v in sums.items()}
-
     # --- train
     t0 = time.perf_counter()
     result = train_loop(model=model, batches=plan.source, micro_per_epoch=plan.micro_per_epoch, loss_fn=loss_fn,
-                        cfg=cfg.train, out_dir=out_dir, eval_fn=evaluate if eval_batches else None,
+                        cfg=cfg.train, out_dir=out_dir,
+                        eval_fn=(lambda m: evaluate_steps(m, loss_fn, eval_batches, device)) if eval_batches else None,
                         count_fn=count_units, device=device, run_config=cfg.model_dump(mode="json"),
                         logging_cfg=cfg.logging, unit="pairs")
     elapsed = time.perf_counter() - t0
