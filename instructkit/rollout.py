@@ -26,6 +26,7 @@ from instructkit.config import ConfigError, RunConfig
 from instructkit.data.encode import EncodedExample, encode_prompt
 from instructkit.data.errors import DataError
 from instructkit.data.packing import collate_padded
+from instructkit.data.pipeline import as_list
 from instructkit.distributed import is_main_process
 from instructkit.generate import Generation, SamplingConfig, generate
 from instructkit.losses import token_logprobs
@@ -134,6 +135,26 @@ def _check_skills_record(rec: dict, file: str, line: int) -> None:
         raise DataError(file, line, "family", f"rl.reward: skills needs a known 'family' and a 'data' object, got "
                         f"family={rec.get('family')!r}", "use files written by `instructkit synth skills`, or set "
                         "rl.reward to a module:function", reason="not_skills")
+
+
+def load_rl_data(cfg: RunConfig, tokenizer, template: str):
+    """``(reward_fn, train_prompts, eval_prompts)`` for an RL run, with the data summary printed.
+
+    Prompts leave ``rl.max_new_tokens`` of room in ``data.max_length``; eval prompts are capped at
+    ``rl.eval_prompts``. Raises DataError when no training prompt is usable.
+    """
+    rl = cfg.rl
+    reward_fn, check = load_reward(rl.reward, cfg.data.max_length)
+    limit = cfg.data.max_length - rl.max_new_tokens
+    prompts = load_prompts(as_list(cfg.data.train), tokenizer, template, limit, cfg.data.on_error, check)
+    evals = load_prompts(as_list(cfg.data.eval), tokenizer, template, limit, cfg.data.on_error, check)
+    evals = evals.head(rl.eval_prompts)
+    if not len(prompts):
+        raise DataError(str(cfg.data.train), None, None, "no usable prompt", "check data.train")
+    skipped = prompts.skipped + evals.skipped
+    print(f"data: {len(prompts)} train / {len(evals)} eval prompts, {skipped} skipped"
+          f"{' (data.on_error: skip)' if skipped else ''}; reward {rl.reward}", file=sys.stderr)
+    return reward_fn, prompts, evals
 
 
 def load_reward(spec: str, max_length: int = 1024) -> tuple[RewardFn, Callable | None]:

@@ -27,8 +27,7 @@ import torch
 
 from instructkit import rollout as ro
 from instructkit.config import RunConfig, dump_config
-from instructkit.data.errors import DataError
-from instructkit.data.pipeline import as_list, prepare_template
+from instructkit.data.pipeline import prepare_template
 from instructkit.distributed import is_main_process
 from instructkit.generate import add_end_of_turn_stops
 from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
@@ -188,15 +187,7 @@ def main(cfg: RunConfig) -> LoopResult:
     # --- setup: tokenizer, template, prompts and reward. Data problems surface before the policy loads.
     tokenizer = load_tokenizer(cfg.model)
     template, n_added = prepare_template(tokenizer, cfg.data)
-    reward_fn, check = ro.load_reward(rl.reward, cfg.data.max_length)
-    limit = cfg.data.max_length - rl.max_new_tokens
-    prompts = ro.load_prompts(as_list(cfg.data.train), tokenizer, template, limit, cfg.data.on_error, check)
-    evals = ro.load_prompts(as_list(cfg.data.eval), tokenizer, template, limit, cfg.data.on_error, check)
-    evals = evals.head(rl.eval_prompts)
-    if not len(prompts):
-        raise DataError(str(cfg.data.train), None, None, "no usable prompt", "check data.train")
-    print(f"data: {len(prompts)} train / {len(evals)} eval prompts, {prompts.skipped + evals.skipped} skipped"
-          f"{' (data.on_error: skip)' if prompts.skipped + evals.skipped else ''}; reward {rl.reward}", file=sys.stderr)
+    reward_fn, prompts, evals = ro.load_rl_data(cfg, tokenizer, template)
 
     model = load_model(cfg.model, cfg.lora, device, n_tokens=len(tokenizer) if n_added else None)
     add_end_of_turn_stops(model, tokenizer)
