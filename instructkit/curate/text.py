@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instructkit.data.errors import DataError, SkipReport
-from instructkit.data.formats import FORMATS, detect_file_format, normalize
-from instructkit.data.readers import read_records
+from instructkit.data.formats import FORMATS, detect_file_format, iter_normalized
 
 # \w keeps letters and digits of every script; everything else (punctuation, symbols, "_") splits words.
 _NON_WORD = re.compile(r"[\W_]+")
@@ -129,15 +128,7 @@ def iter_examples(path: str | Path, format: str = "auto", on_error: str = "skip"
     """
     report = SkipReport() if report is None else report
     fmt = resolve_format(path, format)
-    for line, raw in read_records(path, on_error=on_error, report=report):
-        report.total_seen += 1
-        try:
-            canonical = normalize(raw, fmt, path, line)
-        except DataError as err:
-            if on_error == "raise":
-                raise
-            report.add(err)
-            continue
+    for line, raw, canonical in iter_normalized(path, fmt, on_error, report):
         yield Example(str(path), line, raw, canonical)
 
 

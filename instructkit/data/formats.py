@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -586,6 +586,25 @@ def _check_forced_format(path: str | Path, fmt: str) -> None:
                     "set data.format to the file's format, or 'auto'", reason="format_mismatch")
 
 
+def iter_normalized(path: str | Path, fmt: str, on_error: str,
+                    report: SkipReport) -> Iterator[tuple[int | None, dict, dict]]:
+    """Stream ``(line, raw record, canonical record)`` from one file in a known format.
+
+    Every record read is counted in ``report.total_seen``; a bad record raises (``on_error="raise"``)
+    or is added to ``report`` and skipped.
+    """
+    for line, record in read_records(path, on_error=on_error, report=report):
+        report.total_seen += 1
+        try:
+            canonical = normalize(record, fmt, path, line)
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            report.add(err)
+            continue
+        yield line, record, canonical
+
+
 def load_examples(paths: str | Path | Iterable[str | Path], format: str = "auto",
                   on_error: str = "raise", kind: str = "sft",
                   report: SkipReport | None = None) -> list[dict]:
@@ -626,15 +645,7 @@ def load_examples(paths: str | Path | Iterable[str | Path], format: str = "auto"
             _check_forced_format(path, format)
             fmt = format
         _check_kind(path, fmt, kind)
-        for line, record in read_records(path, on_error=on_error, report=report):
-            report.total_seen += 1
-            try:
-                example = normalize(record, fmt, path, line)
-            except DataError as err:
-                if on_error == "raise":
-                    raise
-                report.add(err)
-                continue
+        for _, _, example in iter_normalized(path, fmt, on_error, report):
             if kind == "kto" and fmt != "kto":
                 meta = {k: example[k] for k in ("_file", "_line", "_format")}
                 out.append({"prompt": example["prompt"], "completion": example["chosen"],
