@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from instructkit.curate.text import iter_examples, preview, record_text, words
+from instructkit.curate.text import finish_result, iter_examples, preview, record_text, words, write_invalid_rows
 from instructkit.data.errors import DataError, SkipReport
 from instructkit.data.readers import read_records
 
@@ -279,18 +279,12 @@ def decontaminate_file(path: str | Path, against: Sequence[str | Path], out: str
                 if out_fh:
                     out_fh.write(json.dumps(ex.raw, ensure_ascii=False, default=str) + "\n")
         if rep_fh:
-            for r in skips.records:
-                rep_fh.write(json.dumps({"file": r.file, "line": r.line, "rule": "invalid",
-                                         "reason": r.reason, "field": r.field, "error": r.message},
-                                        ensure_ascii=False) + "\n")
+            write_invalid_rows(rep_fh, skips)
     finally:
         for fh in (out_fh, rep_fh):
             if fh:
                 fh.close()
-    res.seen, res.skipped = skips.total_seen, len(skips)
-    res.skip_summary = skips.summary() if len(skips) else ""
-    res.seconds = round(time.perf_counter() - t0, 2)
-    return res
+    return finish_result(res, skips, t0)
 
 
 def contamination_error(rec: dict, c: Contamination) -> DataError:

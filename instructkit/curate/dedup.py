@@ -26,7 +26,8 @@ import xxhash
 
 from instructkit.curate.minhash import (MinHasher, SignatureStore, SortedMultimap, band_keys,
                                         colliding_pairs, lsh_params, shingle_hashes)
-from instructkit.curate.text import Example, iter_examples, normalize_text, preview, record_text
+from instructkit.curate.text import (Example, finish_result, iter_examples, normalize_text, preview, record_text,
+                                     write_invalid_rows)
 from instructkit.data.errors import DataError, SkipReport
 
 
@@ -264,18 +265,12 @@ def dedup_file(path: str | Path, out: str | Path | None, *, config: DedupConfig 
                                                 ensure_ascii=False) + "\n")
             res.kept = dd.n_kept
         if rep_fh:
-            for r in skips.records:
-                rep_fh.write(json.dumps({"file": r.file, "line": r.line, "rule": "invalid",
-                                         "reason": r.reason, "field": r.field, "error": r.message},
-                                        ensure_ascii=False) + "\n")
+            write_invalid_rows(rep_fh, skips)
     finally:
         for fh in (out_fh, rep_fh):
             if fh:
                 fh.close()
-    res.seen, res.skipped = skips.total_seen, len(skips)
-    res.skip_summary = skips.summary() if len(skips) else ""
-    res.seconds = round(time.perf_counter() - t0, 2)
-    return res
+    return finish_result(res, skips, t0)
 
 
 def _removal_row(ex: Example, m: Match, matched_line: int, field: str) -> dict:

@@ -9,7 +9,9 @@ punctuation and spacing never hide a duplicate or a contaminated item.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,3 +155,18 @@ def preview(text: str, n: int = 100) -> str:
     """One line of at most ``n`` characters, for reports."""
     one = " ".join(text.split())
     return one if len(one) <= n else one[: n - 1] + "…"
+
+
+def write_invalid_rows(fh, skips: SkipReport) -> None:
+    """One report row per record that failed validation (rule ``invalid``), with its reason and error."""
+    for r in skips.records:
+        fh.write(json.dumps({"file": r.file, "line": r.line, "rule": "invalid", "reason": r.reason,
+                             "field": r.field, "error": r.message}, ensure_ascii=False) + "\n")
+
+
+def finish_result(res, skips: SkipReport, t0: float):
+    """Fill a dedup/decontamination result's counts, skip summary and elapsed seconds; return it."""
+    res.seen, res.skipped = skips.total_seen, len(skips)
+    res.skip_summary = skips.summary() if len(skips) else ""
+    res.seconds = round(time.perf_counter() - t0, 2)
+    return res
