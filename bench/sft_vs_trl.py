@@ -6,9 +6,21 @@ the same lr/betas/eps/weight decay, constant LR, clipping at 1.0, and train only
 Afterwards every trained model is scored by the same function (token-mean NLL on the assistant
 tokens of a held-out set), so "loss at equal tokens" compares like with like.
 
+A real model (``--model DIR`` or a ``.gguf`` file) replaces the tiny preset; its tokenizer's chat
+template is used by both tools (TRL gets the same template with ``{% generation %}`` markers, checked
+to render identically, because its assistant-only loss needs them). ``--lora`` trains LoRA adapters
+(r=16, alpha=32, dropout 0, on q,k,v,o,gate,up,down) in both tools. ``--steps N`` caps every mode at
+N optimizer steps. Throughput is timed over steady-state steps only: the first ``--warmup-steps``
+steps (allocator, kernel and data-loader warm-up) are left out for every mode. Peak RSS is read when
+training ends (model load, data and training included; instructkit's final save and the held-out
+scoring are not). Activation checkpointing is off in both tools unless ``--gradient-checkpointing``
+(TRL's SFTConfig turns it on by default, which trades speed for memory).
+
 Usage:
     python bench/sft_vs_trl.py --runs 3               # appends a section to bench/RESULTS.md
     python bench/sft_vs_trl.py --runs 1 --n 300 --no-record   # quick smoke run
+    python bench/sft_vs_trl.py --model /path/SmolLM2-135M-Instruct --lora --data sharegpt \
+        --batch 4 --max-length 256 --steps 12 --runs 3  # real model, LoRA, ShareGPT sample
 """
 
 from __future__ import annotations
@@ -27,20 +39,79 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("instructkit", "trl_padded", "trl_packed")
+DEFAULT_N = 2000
+SHAREGPT = ROOT.parent / "shared/data/sharegpt/dummy_conversation.json"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_R, LORA_ALPHA = 16, 32
 
 
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def prepare(work: Path, n: int, preset: str, seed: int) -> dict:
+def hf_folder(model: str) -> str:
+    """A Hugging Face folder for ``model``: the path itself, or the folder a ``.gguf`` file converts to.
+
+    TRL and transformers load folders only; instructkit's own loaders take the ``.gguf`` path as is.
+    """
+    if not model.endswith(".gguf"):
+        return model
+    try:
+        from instructkit.gguf import resolve_model_path
+    except ImportError:
+        raise SystemExit(f"--model {model}: this checkout has no instructkit.gguf to convert a .gguf "
+                         f"file; pass a Hugging Face model folder instead") from None
+    return str(resolve_model_path(model))
+
+
+def split_conversations(src: str | Path, out_dir: Path, n_eval: int, n_max: int | None) -> dict:
+    """Train/held-out JSONL (``messages`` format) from any file instructkit reads (ShareGPT, alpaca...).
+
+    The last ``n_eval`` conversations are held out; the files go under the bench work folder only.
+    """
+    from instructkit.data.formats import load_examples
+
+    recs = [{"messages": r["messages"]} for r in load_examples([src], kind="sft")]
+    if len(recs) <= n_eval:
+        raise SystemExit(f"--data {src}: {len(recs)} conversations, need more than --eval-n {n_eval}")
+    train, held = recs[:-n_eval], recs[-n_eval:]
+    train = train[:n_max] if n_max else train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in (("train", train), ("eval", held)):
+        paths[name] = out_dir / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"train": str(paths["train"]), "eval": str(paths["eval"])}
+
+
+def prepare(work: Path, a) -> dict:
+    """Model folder (tiny preset built once, or ``--model``) and train/eval files for ``--data``."""
     from instructkit.synth.toy import write_toy_dataset
     from instructkit.tiny_model import build_tiny_model
 
-    model_dir = work / f"model-{preset}"
-    if not (model_dir / "config.json").exists():
-        build_tiny_model(model_dir, preset=preset, seed=seed)
-    data_dir = write_toy_dataset(work / "data", n_train=n, n_eval=200, seed=seed)
-    return {"model": str(model_dir), "train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl")}
+    if a.model:
+        model = a.model
+    else:
+        model_dir = work / f"model-{a.preset}"
+        if not (model_dir / "config.json").exists():
+            build_tiny_model(model_dir, preset=a.preset, seed=a.seed)
+        model = str(model_dir)
+    if a.data == "toy":
+        data_dir = write_toy_dataset(work / "data", n_train=a.n, n_eval=200, seed=a.seed)
+        data = {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl")}
+    else:
+        src = SHAREGPT if a.data == "sharegpt" else Path(a.data)
+        data = split_conversations(src, work / f"data-{Path(src).stem}", a.eval_n,
+                                   a.n if a.n != DEFAULT_N else None)
+    return {"model": model, **data}
+
+
+def steady_rate(steps: list[tuple[int, float]], warmup: int) -> tuple[float, float, int]:
+    """(target tokens, seconds, steps) over the steps after the first ``warmup`` (all if too few).
+
+    ``steps`` holds (target tokens, seconds) per optimizer step, in order.
+    """
+    kept = steps[warmup:] if len(steps) > warmup else steps
+    return sum(t for t, _ in kept), sum(s for _, s in kept), len(kept)
 
 
 def measure_matmul_peak(seconds: float = 2.0, n: int = 1024) -> float:
@@ -86,44 +157,101 @@ def count_target_tokens(tokenizer, train_path: str, max_length: int) -> tuple[in
     return sum(e.n_targets for e in enc), sum(len(e.input_ids) for e in enc), len(enc)
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker_instructkit(a) -> dict:
     from instructkit.config import load_config
     from instructkit.methods import sft
-    from instructkit.models import load_tokenizer
+    from instructkit.models import load_for_inference
 
     out = Path(a.out)
+    lora = {"enabled": True, "r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0,
+            "target_modules": LORA_TARGETS} if a.lora else {"enabled": False}
     cfg = load_config(raw={
         "method": "sft", "seed": a.seed, "output_dir": str(out),
-        "model": {"name_or_path": a.model},
+        "model": {"name_or_path": a.model, "gradient_checkpointing": a.gradient_checkpointing}, "lora": lora,
         "data": {"train": a.train, "max_length": a.max_length, "packing": True, "truncation": "right"},
-        "train": {"epochs": 1, "micro_batch_size": a.batch, "lr": a.lr, "schedule": "constant",
-                  "warmup_steps": 0, "max_grad_norm": 1.0, "progress": False},
+        "train": {"epochs": 1, "max_steps": a.steps, "micro_batch_size": a.batch, "lr": a.lr,
+                  "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "progress": False},
     })
+    # Peak memory of training, read before the final save (safetensors serialises a copy of the
+    # weights, which says nothing about training) -- TRL's run saves nothing.
+    peak: dict[str, float] = {}
+    real_save = sft.save_final
+
+    def save_after_peak(*args, **kwargs):
+        peak["mb"] = peak_rss_mb()
+        return real_save(*args, **kwargs)
+
+    sft.save_final = save_after_peak
     t0 = time.perf_counter()
     sft.main(cfg)
     wall = time.perf_counter() - t0
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    # Time of the shared loop (batch collation included, model load and final save excluded),
-    # the same span that trainer.train() covers for TRL.
-    train_s = json.loads((out / "summary.json").read_text())["seconds"]
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    tok = load_tokenizer(cfg.model)
-    return {"train_seconds": train_s, "wall_seconds": wall, "steps": len(metrics),
-            "target_tokens": metrics[-1]["tokens_seen"],
+    # Per-step time of the shared loop (batch collation included), the span TRL's steps cover too.
+    seen, steps = 0, []
+    for m in metrics:
+        n = m["tokens_seen"] - seen
+        seen = m["tokens_seen"]
+        steps.append((n, n / m["target_tokens_per_s"]))
+    tokens, secs, timed = steady_rate(steps, a.warmup_steps)
+    final = out / "final"
+    model, tok = (load_for_inference(hf_folder(a.model), adapter=final) if a.lora
+                  else load_for_inference(final))
+    return {"train_seconds": secs, "wall_seconds": wall, "steps": len(metrics), "timed_steps": timed,
+            "step_log": [(n, round(t, 3)) for n, t in steps],
+            "target_tokens": tokens, "peak_rss_mb": peak["mb"],
             "eval_nll": common_eval_nll(model, tok, a.eval, a.max_length)}
+
+
+def trl_chat_template(tok) -> str | None:
+    """A template TRL's assistant-only loss accepts, rendering exactly like the tokenizer's own.
+
+    TRL masks by ``{% generation %}`` markers and patches only templates it knows. For ChatML
+    templates such as SmolLM2's, wrap the assistant content and its ``<|im_end|>`` (the tokens
+    instructkit trains on) in markers, then check that the rendering is unchanged.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tok.chat_template):
+        return None
+    try:
+        return get_training_chat_template(tok)
+    except ValueError:
+        pass
+    turn = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    if turn not in tok.chat_template:
+        raise SystemExit("TRL's assistant_only_loss needs {% generation %} markers and this bench only "
+                         "knows how to add them to ChatML templates; give a model whose template has them")
+    marked = ("{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+              "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}"
+              + turn + "{% endif %}")
+    template = tok.chat_template.replace(turn, marked)
+    sample = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+    for gen in (False, True):
+        if (tok.apply_chat_template(sample, tokenize=False, add_generation_prompt=gen)
+                != tok.apply_chat_template(sample, tokenize=False, add_generation_prompt=gen,
+                                           chat_template=template)):
+            raise SystemExit("the generation-marked ChatML template renders differently from the original")
+    return template
 
 
 def worker_trl(a, packed: bool) -> dict:
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(a.seed)
-    tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    folder = hf_folder(a.model)
+    tok = AutoTokenizer.from_pretrained(folder)
+    marked = trl_chat_template(tok)
+    if marked is not None:
+        tok.chat_template = marked
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     rows = [json.loads(x) for x in Path(a.train).read_text().splitlines()]
     ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
     args = SFTConfig(
@@ -132,15 +260,42 @@ def worker_trl(a, packed: bool) -> dict:
         warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, max_length=a.max_length, packing=packed, assistant_only_loss=True,
         use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000, seed=a.seed,
-        dataloader_num_workers=0, disable_tqdm=True,
+        dataloader_num_workers=0, disable_tqdm=True, max_steps=a.steps or -1,
+        # SFTConfig turns checkpointing on by default; both tools get the same setting here.
+        gradient_checkpointing=a.gradient_checkpointing,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    peft_config = None
+    if a.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    # Per step: the target tokens it trained on (labels that predict a token) and the time between
+    # consecutive step ends, which covers data loading as instructkit's per-step time does.
+    step_tokens: list[int] = []
+    step_ends: list[float] = []
+
+    class CountingTrainer(SFTTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            step_tokens.append(int((inputs["labels"][..., 1:] != -100).sum()))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_args, **_kwargs):
+            step_ends.append(time.perf_counter())
+
+    trainer = CountingTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                              peft_config=peft_config, callbacks=[StepClock()])
     t0 = time.perf_counter()
     trainer.train()
-    train_s = time.perf_counter() - t0
-    tt, _, _ = count_target_tokens(tok, a.train, a.max_length)
-    return {"train_seconds": train_s, "wall_seconds": train_s, "steps": trainer.state.global_step,
-            "target_tokens": tt, "eval_nll": common_eval_nll(model, tok, a.eval, a.max_length)}
+    wall = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    starts = [t0, *step_ends[:-1]]
+    steps = [(n, e - s) for n, s, e in zip(step_tokens, starts, step_ends)]
+    tokens, secs, timed = steady_rate(steps, a.warmup_steps)
+    return {"train_seconds": secs, "wall_seconds": wall, "steps": trainer.state.global_step,
+            "timed_steps": timed, "step_log": [(n, round(t, 3)) for n, t in steps], "target_tokens": tokens, "peak_rss_mb": peak,
+            "eval_nll": common_eval_nll(trainer.model, tok, a.eval, a.max_length)}
 
 
 def run_worker(a) -> None:
@@ -149,7 +304,6 @@ def run_worker(a) -> None:
         res = worker_instructkit(a)
     else:
         res = worker_trl(a, packed=a.worker == "trl_packed")
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["target_tokens_per_s"] = res["target_tokens"] / res["train_seconds"]
     Path(a.result).write_text(json.dumps(res))
 
@@ -160,34 +314,48 @@ def run_worker(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--n", type=int, default=2000, help="training conversations")
-    p.add_argument("--preset", default="micro")
+    p.add_argument("--n", type=int, default=DEFAULT_N,
+                   help="training conversations (toy data; with other data: at most this many)")
+    p.add_argument("--preset", default="micro", help="tiny model preset, used when --model is not given")
+    p.add_argument("--model", help="a Hugging Face model folder or a .gguf file instead of the tiny preset")
+    p.add_argument("--lora", action="store_true",
+                   help=f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {','.join(LORA_TARGETS)} in both tools")
+    p.add_argument("--data", default="toy",
+                   help="'toy' (generated), 'sharegpt' (../shared/data sample) or a conversation file")
+    p.add_argument("--eval-n", type=int, default=50, help="held-out conversations (non-toy data)")
+    p.add_argument("--steps", type=int, help="stop every mode after this many optimizer steps")
+    p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timing")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing in both tools (default off in both; TRL's own default is on)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch", type=int, default=8, help="rows (packed) per step")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float,
+                   help="default: 1e-3 for the tiny preset, 2e-4 with --lora, 2e-5 for full fine-tuning")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=str(ROOT / "bench/out/sft"))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-record", action="store_true")
     # internal
     p.add_argument("--worker")
-    p.add_argument("--model")
     p.add_argument("--train")
     p.add_argument("--eval")
     p.add_argument("--out")
     p.add_argument("--result")
     a = p.parse_args()
+    if a.lr is None:
+        a.lr = 1e-3 if not a.model else 2e-4 if a.lora else 2e-5
     if a.worker:
         return run_worker(a)
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    paths = prepare(work, a.n, a.preset, a.seed)
+    paths = prepare(work, a)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(paths["model"])
+    folder = hf_folder(paths["model"])
+    tok = AutoTokenizer.from_pretrained(folder)
     targets, tokens, n_ex = count_target_tokens(tok, paths["train"], a.max_length)
-    m = AutoModelForCausalLM.from_pretrained(paths["model"])
+    m = AutoModelForCausalLM.from_pretrained(folder)
     n_params = sum(q.numel() for q in m.parameters())
     head = m.get_output_embeddings().weight.numel()
     del m
@@ -202,7 +370,8 @@ def main() -> None:
     n_rows = len(pack_best_fit_decreasing(lens, a.max_length))
     padded_batch = max(1, round(a.batch * n_ex / n_rows))
     peak = measure_matmul_peak()
-    print(f"model {a.preset}: {n_params:,} params; data: {n_ex} conversations, {tokens} tokens, "
+    model_name = f"`{a.model}`" if a.model else f"tiny `{a.preset}` Llama"
+    print(f"model {model_name}: {n_params:,} params; data: {n_ex} conversations, {tokens} tokens, "
           f"{targets} target tokens, {n_rows} packed rows; matmul peak {peak / 1e9:.1f} GFLOP/s")
 
     results: dict[str, list[dict]] = {m: [] for m in a.modes.split(",")}
@@ -214,7 +383,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", mode, "--model", paths["model"], "--train",
                    paths["train"], "--eval", paths["eval"], "--out", str(out), "--result", str(res_file),
                    "--max-length", str(a.max_length), "--batch", str(batch), "--lr", str(a.lr),
-                   "--seed", str(a.seed)]
+                   "--seed", str(a.seed), "--warmup-steps", str(a.warmup_steps)]
+            cmd += (["--steps", str(a.steps)] if a.steps else []) + (["--lora"] if a.lora else []) \
+                + (["--gradient-checkpointing"] if a.gradient_checkpointing else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -224,31 +395,44 @@ def main() -> None:
             results[mode].append(res)
             print(f"run {r} {mode:12s} {res['target_tokens_per_s']:9.0f} target tok/s  "
                   f"peak {res['peak_rss_mb']:7.0f} MB  eval NLL {res['eval_nll']:.4f}  "
-                  f"steps {res['steps']}  ({time.perf_counter() - t0:.0f}s)")
+                  f"steps {res['steps']} (timed {res['timed_steps']})  ({time.perf_counter() - t0:.0f}s)")
 
-    # Useful FLOPs per trained epoch: 6 x non-embedding params per input token (forward+backward)
-    # plus 6 x head params per target token; identical for every mode, so MFU ranks them fairly.
-    flops_epoch = 6 * (n_params - head) * tokens + 6 * head * targets
+    # Useful FLOPs per target token: 6 x non-embedding params per input token (forward+backward)
+    # plus 6 x head params per target token, averaged over the data; 4x instead of 6x with LoRA (no
+    # weight gradients for the base). Identical for every mode, so MFU ranks them fairly.
+    factor = 4 if a.lora else 6
+    flops_per_target = (factor * (n_params - head) * tokens + factor * head * targets) / targets
     summary = {}
     for mode, rs in results.items():
         med = {k: statistics.median(x[k] for x in rs)
                for k in ("target_tokens_per_s", "peak_rss_mb", "eval_nll", "train_seconds", "steps")}
-        med["mfu"] = flops_epoch / med["train_seconds"] / peak
+        med["mfu"] = med["target_tokens_per_s"] * flops_per_target / peak
         summary[mode] = med
     trl_best = max((m for m in summary if m.startswith("trl")), key=lambda m: summary[m]["target_tokens_per_s"],
                    default=None)
-    lines = ["", f"## SFT throughput: instructkit vs TRL SFTTrainer ({time.strftime('%Y-%m-%d')})", "",
-             f"- Command: `python bench/sft_vs_trl.py --runs {a.runs} --n {a.n} --preset {a.preset} "
-             f"--max-length {a.max_length} --batch {a.batch}`",
+    tuning = f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {','.join(LORA_TARGETS)}" if a.lora \
+        else "full fine-tuning"
+    data_name = {"toy": "toy conversations (1-3 turns)",
+                 "sharegpt": "ShareGPT-format sample (../shared/data/sharegpt)"}.get(a.data, f"`{a.data}`")
+    model_arg = f"--model {a.model}" if a.model else f"--preset {a.preset}"
+    steps_note = (f"capped at {a.steps} steps" if a.steps else "1 epoch")
+    lines = ["", f"## SFT throughput: instructkit vs TRL SFTTrainer, {model_name}, "
+             f"{'LoRA' if a.lora else 'full'}, {a.data} data ({time.strftime('%Y-%m-%d')})", "",
+             f"- Command: `python bench/sft_vs_trl.py --runs {a.runs} {model_arg}{' --lora' if a.lora else ''} "
+             f"--data {a.data} --n {a.n} --max-length {a.max_length} --batch {a.batch} --lr {a.lr}"
+             f"{f' --steps {a.steps}' if a.steps else ''} --warmup-steps {a.warmup_steps}"
+             f"{' --gradient-checkpointing' if a.gradient_checkpointing else ''}`",
              f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
              f"{__import__('torch').__version__}, transformers {__import__('transformers').__version__}, "
              f"trl {__import__('trl').__version__}; matmul peak {peak / 1e9:.1f} GFLOP/s (fp32, measured)",
-             f"- Model: tiny `{a.preset}` Llama ({n_params:,} params), identical initial weights; data: "
-             f"{n_ex} toy conversations (1-3 turns), {tokens:,} tokens, {targets:,} assistant target tokens; "
-             f"1 epoch, AdamW lr {a.lr} constant, clip 1.0, fp32. Packed modes: {a.batch} rows x "
+             f"- Model: {model_name} ({n_params:,} params), identical initial weights, {tuning}; data: "
+             f"{n_ex} {data_name}, {tokens:,} tokens, {targets:,} assistant target tokens; "
+             f"{steps_note}, AdamW lr {a.lr} constant, clip 1.0, fp32, gradient checkpointing "
+             f"{'on' if a.gradient_checkpointing else 'off'} in both (TRL's SFTConfig default is on). Packed modes: {a.batch} rows x "
              f"{a.max_length} per step; TRL padded: {padded_batch} examples per step (same step count).",
-             f"- Median of {a.runs} runs each, all modes in the same invocation.", "",
-             "| mode | target tok/s | instructkit speed-up over this mode | peak RSS (MB) | held-out NLL after 1 epoch | steps | MFU |",
+             f"- Median of {a.runs} runs each, all modes in the same invocation; tokens/s over the steps "
+             f"after the first {a.warmup_steps}; peak RSS at the end of training (model load included).", "",
+             "| mode | target tok/s | instructkit speed-up over this mode | peak RSS (MB) | held-out NLL after training | steps | MFU |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     ik = summary.get("instructkit")
     for mode, s in summary.items():

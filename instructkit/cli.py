@@ -491,6 +491,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert_gguf(args) -> int:
+    from instructkit.gguf import convert_command
+
+    convert_command(args.file, args.out)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- reward
 
 
@@ -508,22 +515,21 @@ def cmd_score(args) -> int:
 def cmd_best_of_n(args) -> int:
     from instructkit.generate import SamplingConfig
     from instructkit.models import load_for_inference
-    from instructkit.synth.best_of_n import best_of_n, function_scorer, read_prompts, reward_scorer
+    from instructkit.synth.best_of_n import best_of_n, format_summary, function_scorer, read_prompts, reward_scorer
 
     if bool(args.reward) == bool(args.verifier):
-        print("error: give exactly one scorer: --reward DIR or --verifier skills|module:function", file=sys.stderr)
+        print("error: give exactly one scorer: --reward DIR or --scorer skills|ifeval|module:function", file=sys.stderr)
         return 2
     records = read_prompts(args.prompts, args.limit)
     scorer, name = reward_scorer(args.reward) if args.reward else function_scorer(args.verifier)
     model, tokenizer = load_for_inference(args.model, args.adapter)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
+    require_stop = args.verifier == "ifeval" if args.require_stop is None else args.require_stop
     summary = best_of_n(model, tokenizer, records, scorer, name, args.out, n=args.n, sampling=sampling,
-                        policy_name=str(args.adapter or args.model))
-    print(f"{summary['prompts']} prompts x {args.n} samples: mean score {summary['mean_score']:.3f}, "
-          f"mean best {summary['mean_best_score']:.3f}; wrote {summary['best_written']} best replies and "
-          f"{summary['pairs_written']} pairs ({summary['no_pair_all_scores_equal']} prompts had equal scores) "
-          f"to {args.out}")
+                        policy_name=str(args.adapter or args.model), min_score=args.min_score,
+                        require_stop=require_stop, prefer=args.prefer, batch_size=args.batch_size)
+    print(format_summary(summary, args.out))
     return 0
 
 
@@ -625,7 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'messages' per record")
     bn.add_argument("--n", type=int, default=4)
     bn.add_argument("--reward", help="reward model folder to score with")
-    bn.add_argument("--verifier", help="'skills' or module:function(record, text) -> score")
+    bn.add_argument("--scorer", "--verifier", dest="verifier", metavar="SCORER",
+                    help="'skills', 'ifeval' (fraction of IFEval instructions followed) or module:function")
+    bn.add_argument("--min-score", type=float, help="keep a prompt's best sample only if it scores >= this")
+    bn.add_argument("--require-stop", action=argparse.BooleanOptionalAction, help="never keep a sample cut off "
+                    "at --max-new-tokens (default: on for --scorer ifeval, off otherwise)")
+    bn.add_argument("--prefer", default="first", choices=["first", "shortest"], help="tie-break among best samples")
+    bn.add_argument("--batch-size", type=int, default=32, help="sequences decoded together")
     bn.add_argument("--out", required=True)
     bn.add_argument("--temperature", type=float, default=1.0)
     bn.add_argument("--top-p", type=float, default=1.0)
@@ -729,6 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--allow-base-mismatch", action="store_true",
                     help="merge although the adapter records a different base model")
     ex.set_defaults(func=cmd_export)
+
+    cg = sub.add_parser("convert-gguf", help="dequantise a GGUF file into a Hugging Face folder (float32)")
+    cg.add_argument("file", help="the .gguf file (or a folder holding exactly one)")
+    cg.add_argument("--out", required=True, help="new or empty folder")
+    cg.set_defaults(func=cmd_convert_gguf)
     return p
 
 

@@ -26,7 +26,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which model to tune and how to load it."""
 
-    name_or_path: str = Field(..., description="Hugging Face folder or hub id of a causal LM.")
+    name_or_path: str = Field(..., description="Hugging Face folder, hub id or .gguf file of a causal LM.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; auto = bfloat16 on a GPU that supports it, else float32.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

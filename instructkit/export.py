@@ -93,7 +93,8 @@ def export_model(model_dir: str | Path, out: str | Path, adapter: str | Path | N
     """Write ``out``: base (+ merged LoRA adapter) in ``dtype``, tokenizer, generation config, model card.
 
     Args:
-        model_dir: The base model folder (or a full model to re-save).
+        model_dir: The base model folder (or a full model to re-save), or a ``.gguf`` file (its
+            converted folder, see :mod:`instructkit.gguf`).
         out: Destination; must not exist or be empty. Written to a sibling temp folder, then renamed.
         adapter: A peft LoRA folder (e.g. ``runs/NAME/final``); its tokenizer carries the training
             chat template.
@@ -110,9 +111,11 @@ def export_model(model_dir: str | Path, out: str | Path, adapter: str | Path | N
     from instructkit.config import ModelConfig
     from instructkit.models import load_tokenizer
 
+    from instructkit.gguf import resolve_model_path
+
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir, out = Path(resolve_model_path(model_dir)), Path(out)  # a .gguf file: its converted folder
     if not (model_dir / "config.json").exists():
         raise ExportError(f"--model {model_dir} is not a Hugging Face model folder (no config.json)")
     adapter = Path(adapter) if adapter else None

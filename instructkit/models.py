@@ -35,9 +35,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
+    from instructkit.gguf import resolve_model_path
+
+    path = resolve_model_path(cfg.name_or_path)  # a .gguf file becomes its cached Hugging Face folder
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                            revision=cfg.revision)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except OSError as e:
         raise ModelError(f"cannot load a tokenizer from '{cfg.name_or_path}': {e}. Check "
                          f"model.name_or_path (a local folder, or a hub id with network access); "
@@ -67,6 +69,8 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_token
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from instructkit.gguf import resolve_model_path
+
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                   attn_implementation=cfg.attn_implementation)
@@ -88,7 +92,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_token
         kwargs.update(num_labels=1, pad_token_id=pad_token_id)
     auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(cfg.name_or_path, **kwargs)
+        model = auto.from_pretrained(resolve_model_path(cfg.name_or_path), **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a {'reward model backbone' if reward_head else 'causal LM'} from "
                          f"'{cfg.name_or_path}': {e}") from None
@@ -127,13 +131,16 @@ def apply_lora(model, lora: LoraConfig, gradient_checkpointing: bool = False, ta
 def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None, template: str | None = None):
     """Model (+ optional LoRA adapter on top) and tokenizer for evaluation or chat, in eval mode.
 
-    The tokenizer comes from the adapter folder when given: instructkit saves the training chat
+    ``model_dir`` may be a GGUF file (converted once, see :mod:`instructkit.gguf`). The tokenizer
+    comes from the adapter folder when given: instructkit saves the training chat
     template there. ``template`` forces a built-in template for models that have none.
     """
     from transformers import AutoModelForCausalLM
 
     from instructkit.data.templates import resolve_template
+    from instructkit.gguf import resolve_model_path
 
+    model_dir = resolve_model_path(model_dir)  # a .gguf file becomes its cached Hugging Face folder
     device = pick_device()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter or model_dir)))
     if template:

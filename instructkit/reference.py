@@ -27,7 +27,10 @@ from instructkit.models import unit_logps
 
 
 def _model_fingerprint(name_or_path: str, revision: str | None) -> dict:
-    path = Path(name_or_path)
+    from instructkit.gguf import resolve_model_path
+
+    # A GGUF file is identified by its converted folder, whose name carries the file's content hash.
+    path = Path(resolve_model_path(name_or_path))
     if not path.is_dir():
         return {"hub_id": name_or_path, "revision": revision}
     files = {}

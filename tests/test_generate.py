@@ -51,6 +51,29 @@ def test_batched_equals_one_at_a_time(model, tiny_tokenizer, prompts):
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
 
 
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(model, tiny_tokenizer, prompts):
+    # Twelve rows, eight of them ended after 1-3 tokens by the callback: the batch is compacted
+    # (finished rows dropped from the KV cache) while the four long rows must still decode exactly
+    # as they would alone.
+    many = [prompts[i % 3] for i in range(12)]
+    cut = {i: 1 + i % 3 for i in range(12) if i % 3 != 0}
+    seen = {i: 0 for i in range(12)}
+
+    def on_token(i, tok):
+        seen[i] += 1
+        return i in cut and seen[i] >= cut[i]
+
+    cfg = SamplingConfig(max_new_tokens=16)
+    gens = generate(model, tiny_tokenizer, many, cfg, batch_size=12, on_token=on_token)
+    alone = generate(model, tiny_tokenizer, [prompts[0]], cfg)[0]
+    for i, g in enumerate(gens):
+        if i in cut:
+            assert len(g.token_ids) == cut[i]
+        else:
+            assert g.token_ids == alone.token_ids
+            assert g.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
 def test_sampling_is_deterministic_for_a_seed(model, tiny_tokenizer, prompts):
     a = generate(model, tiny_tokenizer, prompts, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=7))
     b = generate(model, tiny_tokenizer, prompts, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=7))

@@ -28,7 +28,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from instructkit.curate.text import finish_result, iter_examples, preview, record_text, words, write_invalid_rows
+from instructkit.curate.text import (Example, finish_result, iter_examples, preview, record_text, words,
+                                     write_invalid_rows)
 from instructkit.data.errors import DataError, SkipReport
 from instructkit.data.readers import read_records
 
@@ -226,6 +227,41 @@ class DecontamResult:
         return asdict(self)
 
 
+#: ``format`` value for prompt-only files (no reply yet), e.g. ``instructkit synth constraints`` output or
+#: generation inputs: the texts are ``prompt`` (a string or messages) and every ``messages`` turn.
+PROMPTS_FORMAT = "prompts"
+
+
+def _prompt_texts(rec: dict) -> list[str]:
+    prompt = rec.get("prompt")
+    turns = (prompt if isinstance(prompt, list) else []) + (rec["messages"] if isinstance(rec.get("messages"), list)
+                                                           else [])
+    texts = [prompt] if isinstance(prompt, str) else []
+    texts += [m["content"] for m in turns if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return [t for t in dict.fromkeys(texts) if t.strip()]
+
+
+def _training_texts(path: str | Path, format: str, on_error: str,
+                    skips: SkipReport) -> Iterator[tuple[Example, list[str]]]:
+    """The records of a training file with their texts; ``format="prompts"`` reads prompt-only records."""
+    if format != PROMPTS_FORMAT:
+        for ex in iter_examples(path, format, on_error, skips):
+            yield ex, record_text(ex.canonical).all
+        return
+    for line, rec in read_records(path, on_error, skips):
+        skips.total_seen += 1
+        texts = _prompt_texts(rec)
+        if not texts:
+            err = DataError(path, line, "prompt", "no prompt text: neither a 'prompt' string/messages nor "
+                            "'messages' with text", "give each record 'prompt' or 'messages', or drop "
+                            "--format prompts for full conversations", reason="missing_field")
+            if on_error == "raise":
+                raise err
+            skips.add(err)
+            continue
+        yield Example(str(path), line, rec, rec), texts
+
+
 def decontaminate_file(path: str | Path, against: Sequence[str | Path], out: str | Path | None, *,
                        threshold: float = 0.3, ngram: int | None = None,
                        fields: Sequence[str] | None = None, report_path: str | Path | None = None,
@@ -246,6 +282,8 @@ def decontaminate_file(path: str | Path, against: Sequence[str | Path], out: str
         ngram: Force the n-gram size (default: 8 for short and 13 for long evaluation texts).
         fields: Restrict the evaluation files to these fields.
         report_path: JSONL report path, or None.
+        format: ``auto``, a data format name, or ``prompts`` for prompt-only records
+            (:data:`PROMPTS_FORMAT`).
         index: A prebuilt index (then ``against``, ``ngram`` and ``fields`` are ignored).
     """
     if not 0.0 < threshold <= 1.0:
@@ -261,8 +299,7 @@ def decontaminate_file(path: str | Path, against: Sequence[str | Path], out: str
     out_fh = open(out, "w", encoding="utf-8") if out else None
     rep_fh = open(report_path, "w", encoding="utf-8") if report_path else None
     try:
-        for ex in iter_examples(path, format, on_error, skips):
-            texts = record_text(ex.canonical).all
+        for ex, texts in _training_texts(path, format, on_error, skips):
             c = index.match(texts)
             removed = c is not None and c.score >= threshold
             if c is not None:

@@ -25,8 +25,9 @@ def load_reward_model(path: str | Path):
     from transformers import AutoModelForSequenceClassification
 
     from instructkit.config import ModelConfig
+    from instructkit.gguf import resolve_model_path
 
-    path = Path(path)
+    path = Path(resolve_model_path(path))
     if not path.exists():
         raise ModelError(f"reward model folder not found: {path}")
     device = pick_device()

@@ -36,10 +36,11 @@ def load_teacher(cfg: RunConfig, device: torch.device):
     """The frozen teacher, in eval mode, with gradients off."""
     from transformers import AutoModelForCausalLM
 
+    from instructkit.gguf import resolve_model_path
     from instructkit.models import ModelError
 
     try:
-        teacher = AutoModelForCausalLM.from_pretrained(cfg.distill.teacher, dtype=resolve_dtype(cfg.model.dtype, device),
+        teacher = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.distill.teacher), dtype=resolve_dtype(cfg.model.dtype, device),
                                                        trust_remote_code=cfg.model.trust_remote_code,
                                                        attn_implementation=cfg.model.attn_implementation)
     except (OSError, ValueError) as e:

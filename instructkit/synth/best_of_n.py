@@ -1,13 +1,25 @@
 """Best-of-n (rejection sampling): n samples per prompt, scored, best kept as SFT data and best-vs-worst as pairs.
 
 Scorers: a reward model folder (``method: reward`` output), the skills verifier (records need
-``family`` and ``data``, as written by ``instructkit synth skills``), or any Python function
-``module:function`` taking ``(record, response_text)`` and returning a number.
+``family`` and ``data``, as written by ``instructkit synth skills``), the IFEval checkers (records
+carry ``instruction_id_list`` and ``kwargs``, as written by ``instructkit synth constraints``; the
+score is the fraction of the prompt's instructions a sample follows, strict), or any Python
+function ``module:function`` taking ``(record, response_text)`` and returning a number.
+
+Rejection sampling: ``min_score`` keeps a prompt's best sample only when it scores at least that
+(``--scorer ifeval --min-score 1`` keeps fully verified replies only), and ``require_stop`` never
+picks a sample cut off at the token limit (its format checks may pass on a reply that never ended,
+which would teach the model not to stop). Among samples with the best score the first in sample
+order is kept (``prefer="first"``: an unbiased draw from the policy's own verified replies, so
+lengths are not pushed down), or the shortest (``prefer="shortest"``: teaches brevity, at the risk
+of terse replies).
 
 Outputs (in ``out_dir``): ``best.jsonl`` (messages format: the prompt and the best sample), and
 ``pairs.jsonl`` (``prompt``/``chosen``/``rejected``: best vs worst), each record with provenance
 (source file and line, policy, scorer, all scores, sampling settings); ``summary.json`` counts what
-was written and what was skipped (prompts whose samples all scored the same give no pair).
+was written and what was skipped, with reasons (prompts whose samples all scored the same give no
+pair), tokens generated, and for IFEval records the acceptance rate per instruction id (prompts with
+at least one verified sample / prompts).
 """
 
 from __future__ import annotations
@@ -63,8 +75,42 @@ def reward_scorer(reward_dir: str | Path) -> tuple[Scorer, str]:
     return score, f"reward:{reward_dir}"
 
 
+def ifeval_follows(records: list[dict], texts: list[str]) -> list[list[bool]]:
+    """Per sample, whether each of its record's IFEval instructions is followed (strict).
+
+    Raises:
+        DataError: A record lacks ``instruction_id_list``, or its arguments are invalid (file, line, field).
+    """
+    from instructkit.evaluate.ifeval.scoring import parse_record
+
+    parsed: dict[int, object] = {}
+    out = []
+    for rec, text in zip(records, texts):
+        if id(rec) not in parsed:
+            if "instruction_id_list" not in rec:
+                raise DataError(rec["_file"], rec["_line"], "instruction_id_list", "the ifeval scorer needs "
+                                "'instruction_id_list' and 'kwargs' in each prompt record", "use a file written "
+                                "by `instructkit synth constraints` (or IFEval's input layout), or another scorer",
+                                reason="missing_field")
+            given = rec.get("prompt")
+            raw = {**rec, "prompt": given if isinstance(given, str) else rec["_prompt"][-1]["content"]}
+            parsed[id(rec)] = parse_record(raw, file=rec["_file"], line=rec["_line"])
+        out.append([ins.follows(text) for ins in parsed[id(rec)].instructions])
+    return out
+
+
+def ifeval_scorer() -> tuple[Scorer, str]:
+    """Score = fraction of the record's IFEval instructions the sample follows (strict)."""
+    def score(records: list[dict], texts: list[str]) -> list[float]:
+        return [sum(f) / len(f) for f in ifeval_follows(records, texts)]
+    return score, "ifeval"
+
+
 def function_scorer(spec: str) -> tuple[Scorer, str]:
-    """``skills`` (the curriculum's verifier) or ``module:function`` called as ``fn(record, text)``."""
+    """``skills`` (the curriculum's verifier), ``ifeval`` (:func:`ifeval_scorer`) or ``module:function``
+    called as ``fn(record, text)``."""
+    if spec == "ifeval":
+        return ifeval_scorer()
     if spec == "skills":
         from instructkit.synth.skills import verify_response
 
@@ -76,7 +122,7 @@ def function_scorer(spec: str) -> tuple[Scorer, str]:
             return float(verify_response(rec, text))
     else:
         if ":" not in spec:
-            raise ValueError(f"verifier '{spec}' is not 'skills' or 'module:function'")
+            raise ValueError(f"verifier '{spec}' is not 'skills', 'ifeval' or 'module:function'")
         mod, name = spec.split(":", 1)
         try:
             fn = getattr(importlib.import_module(mod), name)
@@ -88,10 +134,57 @@ def function_scorer(spec: str) -> tuple[Scorer, str]:
     return score, f"verifier:{spec}"
 
 
+def select(scores: list[float], texts: list[str], finish: list[str], *, require_stop: bool = False,
+           prefer: str = "first") -> tuple[int | None, int]:
+    """Indices of the best and the worst sample of one prompt.
+
+    The best is the highest score among the eligible samples (all, or with ``require_stop`` those
+    with finish reason ``"stop"``), ties going to the first (``prefer="first"``) or the shortest text
+    (``prefer="shortest"``); None when no sample is eligible. The worst is the lowest score, a sample
+    cut off at the token limit ranking below every eligible one when ``require_stop`` is set.
+    """
+    if prefer not in ("first", "shortest"):
+        raise ValueError(f"prefer must be 'first' or 'shortest', got {prefer!r}")
+    ok = [not require_stop or f == "stop" for f in finish]
+    eligible = [k for k in range(len(scores)) if ok[k]]
+    best = None
+    if eligible:
+        top = max(scores[k] for k in eligible)
+        tied = [k for k in eligible if scores[k] == top]
+        best = min(tied, key=lambda k: len(texts[k])) if prefer == "shortest" else tied[0]
+    worst = min(range(len(scores)), key=lambda k: (ok[k], scores[k]))
+    return best, worst
+
+
+def _acceptance(records: list[dict], n: int, texts: list[str], ok: list[bool]) -> dict:
+    """Per IFEval instruction id: prompts, prompts with >= 1 eligible fully verified sample, and the
+    fraction of eligible samples that follow that instruction."""
+    follows = ifeval_follows([r for r in records for _ in range(n)], texts)
+    stats: dict[str, dict] = {}
+    for i, rec in enumerate(records):
+        rows = [(follows[i * n + k], ok[i * n + k]) for k in range(n)]
+        verified = any(all(f) and e for f, e in rows)
+        for j, iid in enumerate(rec["instruction_id_list"]):
+            st = stats.setdefault(iid, {"prompts": 0, "prompts_verified": 0, "samples": 0, "samples_followed": 0})
+            st["prompts"] += 1
+            st["prompts_verified"] += verified
+            st["samples"] += sum(e for _, e in rows)
+            st["samples_followed"] += sum(f[j] and e for f, e in rows)
+    for st in stats.values():
+        st["acceptance_rate"] = st["prompts_verified"] / st["prompts"]
+        st["sample_follow_rate"] = st["samples_followed"] / max(1, st["samples"])
+    return dict(sorted(stats.items()))
+
+
 def best_of_n(model, tokenizer, records: list[dict], scorer: Scorer, scorer_name: str, out_dir: str | Path, *,
               n: int = 4, sampling: SamplingConfig | None = None, policy_name: str = "",
-              batch_size: int = 16) -> dict:
-    """Sample ``n`` replies per prompt, score them, write ``best.jsonl``, ``pairs.jsonl`` and ``summary.json``."""
+              batch_size: int = 16, min_score: float | None = None, require_stop: bool = False,
+              prefer: str = "first") -> dict:
+    """Sample ``n`` replies per prompt, score them, write ``best.jsonl``, ``pairs.jsonl`` and ``summary.json``.
+
+    ``min_score``, ``require_stop`` and ``prefer`` select what is kept (see the module docstring and
+    :func:`select`); a prompt whose best sample is not kept gets no pair either.
+    """
     if n < 2:
         raise ValueError(f"best-of-n needs n >= 2 samples per prompt, got {n}")
     sampling = sampling or SamplingConfig(temperature=1.0, max_new_tokens=64)
@@ -99,33 +192,74 @@ def best_of_n(model, tokenizer, records: list[dict], scorer: Scorer, scorer_name
     prompt_ids = [encode_prompt(tokenizer, r["_prompt"], template=tokenizer.chat_template) for r in records]
     gens = generate(model, tokenizer, [p for p in prompt_ids for _ in range(n)], sampling, batch_size=batch_size)
     texts = [g.text.strip() for g in gens]
+    finish = [g.finish_reason for g in gens]
+    return write_best_of_n(records, texts, finish, scorer, scorer_name, out_dir, n=n, sampling=sampling,
+                           policy_name=policy_name, min_score=min_score, require_stop=require_stop, prefer=prefer,
+                           tokens_generated=sum(len(g.token_ids) for g in gens))
+
+
+def write_best_of_n(records: list[dict], texts: list[str], finish: list[str], scorer: Scorer, scorer_name: str,
+                    out_dir: str | Path, *, n: int, sampling: SamplingConfig, policy_name: str = "",
+                    min_score: float | None = None, require_stop: bool = False, prefer: str = "first",
+                    tokens_generated: int = 0) -> dict:
+    """Score given samples (``n`` per record, in record order, with their finish reasons), select and
+    write the outputs; :func:`best_of_n` after generation, and testable without a model."""
     scores = scorer([r for r in records for _ in range(n)], texts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n_pairs = ties = 0
+    n_pairs = ties = kept = 0
+    skipped = {"no_stopped_sample": 0, "below_min_score": 0}
     settings = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                 "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed}
     with open(out / "best.jsonl", "w", encoding="utf-8") as fb, open(out / "pairs.jsonl", "w", encoding="utf-8") as fp:
         for i, rec in enumerate(records):
-            cand, sc = texts[i * n:(i + 1) * n], scores[i * n:(i + 1) * n]
-            best = max(range(n), key=lambda k: sc[k])
-            worst = min(range(n), key=lambda k: sc[k])
+            cand, sc, fin = texts[i * n:(i + 1) * n], scores[i * n:(i + 1) * n], finish[i * n:(i + 1) * n]
+            best, worst = select(sc, cand, fin, require_stop=require_stop, prefer=prefer)
+            if best is None:
+                skipped["no_stopped_sample"] += 1
+                continue
+            if min_score is not None and sc[best] < min_score:
+                skipped["below_min_score"] += 1
+                continue
+            kept += 1
             extra = {k: v for k, v in rec.items() if not k.startswith("_") and k not in ("messages", "prompt")}
             prov = {"source_file": rec["_file"], "source_line": rec["_line"], "policy": policy_name,
-                    "scorer": scorer_name, "n": n, "scores": sc, "sampling": settings}
+                    "scorer": scorer_name, "n": n, "scores": sc, "finish_reasons": fin, "sampling": settings}
             fb.write(json.dumps({"messages": rec["_prompt"] + [{"role": "assistant", "content": cand[best]}],
                                  **extra, "best_index": best, "best_score": sc[best], **prov},
                                 ensure_ascii=False) + "\n")
-            if sc[best] > sc[worst] and cand[best].strip() != cand[worst].strip():
+            worse = sc[best] > sc[worst] or (require_stop and fin[worst] != "stop")
+            if worse and cand[best].strip() != cand[worst].strip():
                 fp.write(json.dumps({"prompt": rec["_prompt"], "chosen": cand[best], "rejected": cand[worst],
                                      **extra, "score_chosen": sc[best], "score_rejected": sc[worst], **prov},
                                     ensure_ascii=False) + "\n")
                 n_pairs += 1
             else:
                 ties += 1
-    summary = {"prompts": len(records), "samples": len(texts), "best_written": len(records), "pairs_written": n_pairs,
-               "no_pair_all_scores_equal": ties, "mean_score": sum(scores) / max(1, len(scores)),
+    summary = {"prompts": len(records), "samples": len(texts), "best_written": kept, "skipped": skipped,
+               "pairs_written": n_pairs, "no_pair_all_scores_equal": ties,
+               "samples_cut_off": sum(f != "stop" for f in finish), "tokens_generated": tokens_generated,
+               "mean_score": sum(scores) / max(1, len(scores)),
                "mean_best_score": sum(max(scores[i * n:(i + 1) * n]) for i in range(len(records))) / max(1, len(records)),
-               "scorer": scorer_name, "policy": policy_name, "n": n, "sampling": settings}
+               "scorer": scorer_name, "policy": policy_name, "n": n, "min_score": min_score,
+               "require_stop": require_stop, "prefer": prefer, "sampling": settings}
+    if records and all("instruction_id_list" in r for r in records):
+        ok = [not require_stop or f == "stop" for f in finish]
+        summary["per_instruction"] = _acceptance(records, n, texts, ok)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def format_summary(summary: dict, out_dir: str | Path) -> str:
+    """The console report of a best-of-n run: scores, what was kept and skipped, acceptance per id."""
+    sk = summary["skipped"]
+    lines = [f"{summary['prompts']} prompts x {summary['n']} samples ({summary['tokens_generated']} tokens, "
+             f"{summary['samples_cut_off']} samples cut off): mean score {summary['mean_score']:.3f}, mean best "
+             f"{summary['mean_best_score']:.3f}; wrote {summary['best_written']} best replies "
+             f"(skipped {sk['no_stopped_sample']} with no stopped sample, {sk['below_min_score']} below "
+             f"--min-score) and {summary['pairs_written']} pairs ({summary['no_pair_all_scores_equal']} kept "
+             f"prompts had equal scores) to {out_dir}"]
+    for iid, st in summary.get("per_instruction", {}).items():
+        lines.append(f"  {iid:48s} {st['prompts_verified']:4d}/{st['prompts']:<4d} prompts verified "
+                     f"({st['acceptance_rate']:.0%}), samples following it {st['sample_follow_rate']:.0%}")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""`instructkit synth self-instruct` and `instructkit synth distill-data`: argument parsing and output.
+"""`instructkit synth self-instruct`, `synth distill-data` and `synth constraints`: argument parsing and output.
 
 Both take a generator/teacher that is a local model folder or an OpenAI-compatible base URL
 (``--model-name``, key from ``--api-key-env``); see ``generators.py``.
@@ -79,8 +79,24 @@ def cmd_synth_distill_data(args) -> int:
     return 0
 
 
+def cmd_synth_constraints(args) -> int:
+    from instructkit.synth.constraints import write_constraint_prompts
+
+    try:
+        s = write_constraint_prompts(args.out, args.n, args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = s["constraints_per_prompt"]
+    print(f"wrote {s['records']} constraint prompts ({s['tasks']} base tasks; {c[1]}/{c[2]}/{c[3]} with 1/2/3 "
+          f"constraints; {len(s['per_instruction'])} instruction ids) to {s['out']}")
+    print(f"sample verified replies: instructkit best-of-n --model MODEL --prompts {s['out']} --scorer ifeval "
+          f"--min-score 1 --out DIR")
+    return 0
+
+
 def add_parsers(sysub) -> None:
-    """Add the two subcommands to the `synth` subparsers."""
+    """Add the subcommands of this module to the `synth` subparsers."""
     def generator_args(q, what: str):
         q.add_argument("--model-name", help=f"model name at the endpoint (required when the {what} is a URL)")
         q.add_argument("--api-key-env", default="OPENAI_API_KEY",
@@ -127,3 +143,10 @@ def add_parsers(sysub) -> None:
     dd.add_argument("--verifier", help="keep only replies this scorer accepts: 'skills' or module:function")
     generator_args(dd, "teacher")
     dd.set_defaults(func=cmd_synth_distill_data)
+
+    co = sysub.add_parser("constraints", help="IFEval-style prompts (task + verifiable constraints) for "
+                          "rejection sampling with best-of-n --scorer ifeval")
+    co.add_argument("--out", required=True, help="output JSONL: IFEval input fields + messages, task, source")
+    co.add_argument("--n", type=int, default=3000, help="number of distinct prompts")
+    co.add_argument("--seed", type=int, default=0)
+    co.set_defaults(func=cmd_synth_constraints)
