@@ -60,7 +60,9 @@ class Stages:
         self.log = log
 
     def run(self, name: str, args: list[str]) -> str:
-        shown = " ".join(shlex.quote(a) for a in ["instructkit", *args])
+        # Paths relative to the repository (commands run there), so the report reads like a recipe.
+        shown = " ".join(shlex.quote(a) for a in ["instructkit", *args]).replace(
+            str(SHARED.resolve()), "../shared/data").replace(str(ROOT) + "/", "")
         self.commands.append((name, shown))
         print(f"\n== {name}: {shown}", flush=True)
         t0 = time.perf_counter()
@@ -210,7 +212,7 @@ def write_report(work: Path, s: dict, stages: Stages, plots: list[Path]) -> Path
     before, after = s["before"], s["after"]
     md = [f"# Constraint-following tuning of SmolLM2-135M-Instruct (from its GGUF), {s['date']}", "",
           f"Machine: {s['machine']}. Model: `{s['model']}`. IFEval: {before['n_prompts']} prompts "
-          f"({before['n_instructions']} instructions), every {s['ifeval_every']}rd/th prompt of input_data.jsonl, "
+          f"({before['n_instructions']} instructions), prompts 1, 1+{s['ifeval_every']}, 1+2x{s['ifeval_every']}, ... of input_data.jsonl, "
           f"greedy, at most {s['max_new_tokens']} new tokens, same settings before and after.", "",
           "| metric | untuned | tuned | change |", "|---|---:|---:|---:|"]
     for k, name in METRIC_NAMES.items():
@@ -225,9 +227,12 @@ def write_report(work: Path, s: dict, stages: Stages, plots: list[Path]) -> Path
            f"- Generated prompts: {s['data']['generated']}; decontamination against IFEval removed "
            f"{s['data']['decontam_removed']} ({s['data']['decontam_overlapping']} overlapping at all).",
            f"- Rejection sampling: {s['data']['samples_per_prompt']} samples per prompt at temperature "
-           f"{s['data']['temperature']}, at most {s['data']['sample_tokens']} tokens; kept "
+           f"{s['data']['temperature']}, top-p {s['data']['top_p']}, at most {s['data']['sample_tokens']} tokens "
+           f"({s['data']['tokens_sampled']} tokens generated); kept "
            f"{s['data']['kept']} prompts with a fully verified response that stopped on its own "
-           f"({s['data']['kept'] / max(1, s['data']['sampled']):.0%} of {s['data']['sampled']}).", "",
+           f"({s['data']['kept'] / max(1, s['data']['sampled']):.0%} of {s['data']['sampled']}).",
+           f"- Formatting repairs (`--repair`): {'on' if s['data']['repair'] else 'off'}; kept replies per "
+           f"repair: {s['data']['kept_with_repair'] or {}}; garbled samples rejected: {s['data']['garbled']}.", "",
            "## Per instruction type (loose accuracy)", "", "| instruction | n | untuned | tuned |", "|---|---:|---:|---:|"]
     for iid in sorted(set(before["per_instruction"]) | set(after["per_instruction"])):
         bi, ai = before["per_instruction"].get(iid, {}), after["per_instruction"].get(iid, {})
@@ -251,7 +256,9 @@ def main() -> int:
     p.add_argument("--work", default="runs/smollm2-constraints")
     p.add_argument("--prompts", type=int, default=1200, help="training prompts to generate")
     p.add_argument("--samples", type=int, default=4, help="samples per prompt in rejection sampling")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--no-repair", action="store_true", help="plain rejection sampling (no formatting repairs)")
     p.add_argument("--sample-tokens", type=int, default=200, help="token limit of each sample")
     p.add_argument("--ifeval-every", type=int, default=3, help="IFEval subset: every Nth prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, help="IFEval generation limit (both evals)")
@@ -291,7 +298,8 @@ def main() -> int:
     nll_before = stages.timed("forgetting check before", general_nll, model, None, work / "general.jsonl")
     stages.run("rejection sampling", ["best-of-n", "--model", model, "--prompts", str(work / "prompts.jsonl"),
                                       "--scorer", "ifeval", "--min-score", "1", "--n", str(args.samples),
-                                      "--temperature", str(args.temperature), "--max-new-tokens",
+                                      "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+                                      *([] if args.no_repair else ["--repair"]), "--max-new-tokens",
                                       str(args.sample_tokens), "--batch-size", bs, "--seed", str(args.seed),
                                       "--out", str(work / "samples")])
     tuned = work / "tuned"
@@ -316,7 +324,9 @@ def main() -> int:
         "before": before, "after": after, "nll_before": nll_before, "nll_after": nll_after, "general": general,
         "data": {"generated": args.prompts, "decontam_removed": dec.get("removed"),
                  "decontam_overlapping": dec.get("overlapping"), "samples_per_prompt": args.samples,
-                 "temperature": args.temperature, "sample_tokens": args.sample_tokens,
+                 "temperature": args.temperature, "top_p": args.top_p, "repair": not args.no_repair,
+                 "sample_tokens": args.sample_tokens, "kept_with_repair": sampled.get("kept_with_repair"),
+                 "garbled": sampled.get("samples_garbled"),
                  "sampled": sampled["prompts"], "kept": sampled["best_written"],
                  "tokens_sampled": sampled["tokens_generated"], "acceptance": sampled.get("per_instruction")},
         "times": stages.times, "commands": stages.commands, "overrides": args.overrides,

@@ -528,7 +528,8 @@ def cmd_best_of_n(args) -> int:
     require_stop = args.verifier == "ifeval" if args.require_stop is None else args.require_stop
     summary = best_of_n(model, tokenizer, records, scorer, name, args.out, n=args.n, sampling=sampling,
                         policy_name=str(args.adapter or args.model), min_score=args.min_score,
-                        require_stop=require_stop, prefer=args.prefer, batch_size=args.batch_size)
+                        require_stop=require_stop, prefer=args.prefer, batch_size=args.batch_size,
+                        repair=args.repair)
     print(format_summary(summary, args.out))
     return 0
 
@@ -638,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "at --max-new-tokens (default: on for --scorer ifeval, off otherwise)")
     bn.add_argument("--prefer", default="first", choices=["first", "shortest"], help="tie-break among best samples")
     bn.add_argument("--batch-size", type=int, default=32, help="sequences decoded together")
+    bn.add_argument("--repair", action="store_true", help="ifeval: rewrite samples for formatting constraints "
+                    "they fail (case, quotes, end phrase, repeated request, *** paragraphs), then verify")
     bn.add_argument("--out", required=True)
     bn.add_argument("--temperature", type=float, default=1.0)
     bn.add_argument("--top-p", type=float, default=1.0)

@@ -179,7 +179,7 @@ def _acceptance(records: list[dict], n: int, texts: list[str], ok: list[bool]) -
 def best_of_n(model, tokenizer, records: list[dict], scorer: Scorer, scorer_name: str, out_dir: str | Path, *,
               n: int = 4, sampling: SamplingConfig | None = None, policy_name: str = "",
               batch_size: int = 16, min_score: float | None = None, require_stop: bool = False,
-              prefer: str = "first") -> dict:
+              prefer: str = "first", repair: bool = False) -> dict:
     """Sample ``n`` replies per prompt, score them, write ``best.jsonl``, ``pairs.jsonl`` and ``summary.json``.
 
     ``min_score``, ``require_stop`` and ``prefer`` select what is kept (see the module docstring and
@@ -195,15 +195,36 @@ def best_of_n(model, tokenizer, records: list[dict], scorer: Scorer, scorer_name
     finish = [g.finish_reason for g in gens]
     return write_best_of_n(records, texts, finish, scorer, scorer_name, out_dir, n=n, sampling=sampling,
                            policy_name=policy_name, min_score=min_score, require_stop=require_stop, prefer=prefer,
-                           tokens_generated=sum(len(g.token_ids) for g in gens))
+                           tokens_generated=sum(len(g.token_ids) for g in gens), repair=repair)
 
 
 def write_best_of_n(records: list[dict], texts: list[str], finish: list[str], scorer: Scorer, scorer_name: str,
                     out_dir: str | Path, *, n: int, sampling: SamplingConfig, policy_name: str = "",
                     min_score: float | None = None, require_stop: bool = False, prefer: str = "first",
-                    tokens_generated: int = 0) -> dict:
+                    tokens_generated: int = 0, repair: bool = False) -> dict:
     """Score given samples (``n`` per record, in record order, with their finish reasons), select and
-    write the outputs; :func:`best_of_n` after generation, and testable without a model."""
+    write the outputs; :func:`best_of_n` after generation, and testable without a model.
+
+    With ``repair`` (IFEval records only) each sample is first rewritten by
+    :func:`instructkit.synth.repair.repair` for the formatting constraints it fails, then scored;
+    kept records list the repairs in ``repaired``. A sample holding U+FFFD (bytes that do not decode:
+    a broken multi-byte character) counts as garbled and, with ``require_stop``, is never kept.
+    """
+    texts, finish = list(texts), list(finish)
+    garbled = 0
+    for k, t in enumerate(texts):
+        if "\ufffd" in t and finish[k] == "stop":
+            finish[k], garbled = "garbled", garbled + 1
+    repaired: list[list[str]] = [[] for _ in texts]
+    if repair:
+        from instructkit.synth.repair import repair as repair_reply
+
+        if not all("instruction_id_list" in r for r in records):
+            raise ValueError("repair needs IFEval records (instruction_id_list and kwargs on every prompt)")
+        for k, t in enumerate(texts):
+            rec = records[k // n]
+            texts[k], repaired[k] = repair_reply(t, rec["instruction_id_list"], rec.get("kwargs") or
+                                                 [{}] * len(rec["instruction_id_list"]))
     scores = scorer([r for r in records for _ in range(n)], texts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +247,8 @@ def write_best_of_n(records: list[dict], texts: list[str], finish: list[str], sc
             prov = {"source_file": rec["_file"], "source_line": rec["_line"], "policy": policy_name,
                     "scorer": scorer_name, "n": n, "scores": sc, "finish_reasons": fin, "sampling": settings}
             fb.write(json.dumps({"messages": rec["_prompt"] + [{"role": "assistant", "content": cand[best]}],
-                                 **extra, "best_index": best, "best_score": sc[best], **prov},
+                                 **extra, "best_index": best, "best_score": sc[best], **prov,
+                                 **({"repaired": repaired[i * n + best]} if repair else {})},
                                 ensure_ascii=False) + "\n")
             worse = sc[best] > sc[worst] or (require_stop and fin[worst] != "stop")
             if worse and cand[best].strip() != cand[worst].strip():
@@ -238,11 +260,19 @@ def write_best_of_n(records: list[dict], texts: list[str], finish: list[str], sc
                 ties += 1
     summary = {"prompts": len(records), "samples": len(texts), "best_written": kept, "skipped": skipped,
                "pairs_written": n_pairs, "no_pair_all_scores_equal": ties,
-               "samples_cut_off": sum(f != "stop" for f in finish), "tokens_generated": tokens_generated,
+               "samples_cut_off": sum(f == "length" for f in finish), "samples_garbled": garbled,
+               "samples_repaired": sum(bool(r) for r in repaired), "tokens_generated": tokens_generated,
                "mean_score": sum(scores) / max(1, len(scores)),
                "mean_best_score": sum(max(scores[i * n:(i + 1) * n]) for i in range(len(records))) / max(1, len(records)),
                "scorer": scorer_name, "policy": policy_name, "n": n, "min_score": min_score,
-               "require_stop": require_stop, "prefer": prefer, "sampling": settings}
+               "require_stop": require_stop, "prefer": prefer, "repair": repair, "sampling": settings}
+    if repair:
+        kept_repairs: dict[str, int] = {}
+        with open(out / "best.jsonl", encoding="utf-8") as fb:
+            for line in fb:
+                for iid in json.loads(line).get("repaired", []):
+                    kept_repairs[iid] = kept_repairs.get(iid, 0) + 1
+        summary["kept_with_repair"] = dict(sorted(kept_repairs.items()))
     if records and all("instruction_id_list" in r for r in records):
         ok = [not require_stop or f == "stop" for f in finish]
         summary["per_instruction"] = _acceptance(records, n, texts, ok)
