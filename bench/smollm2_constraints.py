@@ -131,19 +131,13 @@ def write_general_text(out: Path, n_hh: int) -> dict:
 
 
 def general_nll(model_path: str, adapter: str | None, data: Path, max_length: int = 1024) -> float:
-    """Token-mean NLL of the reference replies (the last assistant turn's tokens) given their prompts."""
-    from instructkit.data.encode import encode_messages
-    from instructkit.models import load_for_inference, mean_nll
-    import torch
+    """Token-mean NLL of the reference replies (assistant tokens) given their prompts."""
+    from instructkit.evaluate.skills import answer_nll
+    from instructkit.models import load_for_inference
 
     model, tok = load_for_inference(model_path, adapter)
-    batches = []
-    for line in data.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        enc = encode_messages(tok, rec["messages"], template=tok.chat_template)
-        ids, labels = enc.input_ids[:max_length], enc.labels[:max_length]
-        batches.append({"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])})
-    return mean_nll(model, batches)
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    return answer_nll(model, tok, records, max_length=max_length)
 
 
 # ------------------------------------------------------------------------------------------ report

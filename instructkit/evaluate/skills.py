@@ -71,12 +71,16 @@ def check_chat_template(tokenizer, model_dir: str | Path) -> None:
                         "template), or pass --template chatml", reason="no_template")
 
 
-def answer_nll(model, tokenizer, records: list[dict]) -> float:
-    """Token-mean NLL of the reference answers given their prompts (the held-out loss)."""
+def answer_nll(model, tokenizer, records: list[dict], max_length: int | None = None) -> float:
+    """Token-mean NLL of the reference answers given their prompts (the held-out loss).
+
+    ``max_length`` keeps only each conversation's first tokens (None: all of them).
+    """
     batches = []
     for rec in records:
         enc = encode_messages(tokenizer, rec["messages"], template=tokenizer.chat_template)
-        batches.append({"input_ids": torch.tensor([enc.input_ids]), "labels": torch.tensor([enc.labels])})
+        ids, labels = enc.input_ids[:max_length], enc.labels[:max_length]
+        batches.append({"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])})
     return mean_nll(model, batches)
 
 

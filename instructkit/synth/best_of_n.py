@@ -229,6 +229,7 @@ def write_best_of_n(records: list[dict], texts: list[str], finish: list[str], sc
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_pairs = ties = kept = 0
+    kept_repairs: dict[str, int] = {}
     skipped = {"no_stopped_sample": 0, "below_min_score": 0}
     settings = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                 "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed}
@@ -243,6 +244,8 @@ def write_best_of_n(records: list[dict], texts: list[str], finish: list[str], sc
                 skipped["below_min_score"] += 1
                 continue
             kept += 1
+            for iid in repaired[i * n + best]:
+                kept_repairs[iid] = kept_repairs.get(iid, 0) + 1
             extra = {k: v for k, v in rec.items() if not k.startswith("_") and k not in ("messages", "prompt")}
             prov = {"source_file": rec["_file"], "source_line": rec["_line"], "policy": policy_name,
                     "scorer": scorer_name, "n": n, "scores": sc, "finish_reasons": fin, "sampling": settings}
@@ -267,11 +270,6 @@ def write_best_of_n(records: list[dict], texts: list[str], finish: list[str], sc
                "scorer": scorer_name, "policy": policy_name, "n": n, "min_score": min_score,
                "require_stop": require_stop, "prefer": prefer, "repair": repair, "sampling": settings}
     if repair:
-        kept_repairs: dict[str, int] = {}
-        with open(out / "best.jsonl", encoding="utf-8") as fb:
-            for line in fb:
-                for iid in json.loads(line).get("repaired", []):
-                    kept_repairs[iid] = kept_repairs.get(iid, 0) + 1
         summary["kept_with_repair"] = dict(sorted(kept_repairs.items()))
     if records and all("instruction_id_list" in r for r in records):
         ok = [not require_stop or f == "stop" for f in finish]
