@@ -117,6 +117,7 @@ def worker_trl(a, precompute: bool) -> dict:
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, beta=BETA, loss_type=["sigmoid"],
         max_length=a.max_length, precompute_ref_log_probs=precompute, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, seed=a.seed, dataloader_num_workers=0, disable_tqdm=True,
+        bf16=False,  # DPOConfig defaults to bf16 autocast; instructkit runs fp32 here, so TRL must too
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()

@@ -14,7 +14,9 @@ N optimizer steps. Throughput is timed over steady-state steps only: the first `
 steps (allocator, kernel and data-loader warm-up) are left out for every mode. Peak RSS is read when
 training ends (model load, data and training included; instructkit's final save and the held-out
 scoring are not). Activation checkpointing is off in both tools unless ``--gradient-checkpointing``
-(TRL's SFTConfig turns it on by default, which trades speed for memory).
+(TRL's SFTConfig turns it on by default, which trades speed for memory). ``--bf16`` runs both tools
+under bf16 autocast with fp32 master weights (instructkit ``train.bf16: true``, TRL ``bf16=True``);
+on a CPU with AMX this is the fast setting, and MFU is then measured against the bf16 matmul peak.
 
 Usage:
     python bench/sft_vs_trl.py --runs 3               # appends a section to bench/RESULTS.md
@@ -114,11 +116,12 @@ def steady_rate(steps: list[tuple[int, float]], warmup: int) -> tuple[float, flo
     return sum(t for t, _ in kept), sum(s for _, s in kept), len(kept)
 
 
-def measure_matmul_peak(seconds: float = 2.0, n: int = 1024) -> float:
-    """Sustained fp32 matmul FLOP/s on this machine (the denominator of MFU)."""
+def measure_matmul_peak(seconds: float = 2.0, n: int = 1024, bf16: bool = False) -> float:
+    """Sustained matmul FLOP/s on this machine (the denominator of MFU), fp32 or bf16."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     count, t0 = 0, time.perf_counter()
@@ -174,7 +177,8 @@ def worker_instructkit(a) -> dict:
         "model": {"name_or_path": a.model, "gradient_checkpointing": a.gradient_checkpointing}, "lora": lora,
         "data": {"train": a.train, "max_length": a.max_length, "packing": True, "truncation": "right"},
         "train": {"epochs": 1, "max_steps": a.steps, "micro_batch_size": a.batch, "lr": a.lr,
-                  "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "progress": False},
+                  "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "progress": False,
+                  "bf16": bool(a.bf16)},
     })
     # Peak memory of training, read before the final save (safetensors serialises a copy of the
     # weights, which says nothing about training) -- TRL's run saves nothing.
@@ -262,7 +266,8 @@ def worker_trl(a, packed: bool) -> dict:
         use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000, seed=a.seed,
         dataloader_num_workers=0, disable_tqdm=True, max_steps=a.steps or -1,
         # SFTConfig turns checkpointing on by default; both tools get the same setting here.
-        gradient_checkpointing=a.gradient_checkpointing,
+        # SFTConfig defaults to bf16=True (autocast, even on CPU); both tools get the same precision.
+        gradient_checkpointing=a.gradient_checkpointing, bf16=bool(a.bf16),
     )
     peft_config = None
     if a.lora:
@@ -327,6 +332,8 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timing")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="activation checkpointing in both tools (default off in both; TRL's own default is on)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast (mixed precision, fp32 master weights) in both tools")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch", type=int, default=8, help="rows (packed) per step")
     p.add_argument("--lr", type=float,
@@ -369,7 +376,8 @@ def main() -> None:
                                 truncation="right").input_ids) for r in load_examples([paths["train"]])]
     n_rows = len(pack_best_fit_decreasing(lens, a.max_length))
     padded_batch = max(1, round(a.batch * n_ex / n_rows))
-    peak = measure_matmul_peak()
+    peak = measure_matmul_peak(bf16=a.bf16)
+    precision = "bf16 autocast (fp32 master weights)" if a.bf16 else "fp32"
     model_name = f"`{a.model}`" if a.model else f"tiny `{a.preset}` Llama"
     print(f"model {model_name}: {n_params:,} params; data: {n_ex} conversations, {tokens} tokens, "
           f"{targets} target tokens, {n_rows} packed rows; matmul peak {peak / 1e9:.1f} GFLOP/s")
@@ -385,7 +393,8 @@ def main() -> None:
                    "--max-length", str(a.max_length), "--batch", str(batch), "--lr", str(a.lr),
                    "--seed", str(a.seed), "--warmup-steps", str(a.warmup_steps)]
             cmd += (["--steps", str(a.steps)] if a.steps else []) + (["--lora"] if a.lora else []) \
-                + (["--gradient-checkpointing"] if a.gradient_checkpointing else [])
+                + (["--gradient-checkpointing"] if a.gradient_checkpointing else []) \
+                + (["--bf16"] if a.bf16 else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -417,17 +426,18 @@ def main() -> None:
     model_arg = f"--model {a.model}" if a.model else f"--preset {a.preset}"
     steps_note = (f"capped at {a.steps} steps" if a.steps else "1 epoch")
     lines = ["", f"## SFT throughput: instructkit vs TRL SFTTrainer, {model_name}, "
-             f"{'LoRA' if a.lora else 'full'}, {a.data} data ({time.strftime('%Y-%m-%d')})", "",
+             f"{'LoRA' if a.lora else 'full'}, {a.data} data, {'bf16' if a.bf16 else 'fp32'} ({time.strftime('%Y-%m-%d')})", "",
              f"- Command: `python bench/sft_vs_trl.py --runs {a.runs} {model_arg}{' --lora' if a.lora else ''} "
              f"--data {a.data} --n {a.n} --max-length {a.max_length} --batch {a.batch} --lr {a.lr}"
              f"{f' --steps {a.steps}' if a.steps else ''} --warmup-steps {a.warmup_steps}"
-             f"{' --gradient-checkpointing' if a.gradient_checkpointing else ''}`",
+             f"{' --gradient-checkpointing' if a.gradient_checkpointing else ''}{' --bf16' if a.bf16 else ''}`",
              f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
              f"{__import__('torch').__version__}, transformers {__import__('transformers').__version__}, "
-             f"trl {__import__('trl').__version__}; matmul peak {peak / 1e9:.1f} GFLOP/s (fp32, measured)",
+             f"trl {__import__('trl').__version__}; matmul peak {peak / 1e9:.1f} GFLOP/s "
+             f"({'bf16' if a.bf16 else 'fp32'}, measured)",
              f"- Model: {model_name} ({n_params:,} params), identical initial weights, {tuning}; data: "
              f"{n_ex} {data_name}, {tokens:,} tokens, {targets:,} assistant target tokens; "
-             f"{steps_note}, AdamW lr {a.lr} constant, clip 1.0, fp32, gradient checkpointing "
+             f"{steps_note}, AdamW lr {a.lr} constant, clip 1.0, {precision} in both, gradient checkpointing "
              f"{'on' if a.gradient_checkpointing else 'off'} in both (TRL's SFTConfig default is on). Packed modes: {a.batch} rows x "
              f"{a.max_length} per step; TRL padded: {padded_batch} examples per step (same step count).",
              f"- Median of {a.runs} runs each, all modes in the same invocation; tokens/s over the steps "

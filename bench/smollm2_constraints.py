@@ -204,6 +204,8 @@ def _plots(work: Path, before: dict, after: dict, train_dir: Path) -> list[Path]
 
 def write_report(work: Path, s: dict, stages: Stages, plots: list[Path]) -> Path:
     before, after = s["before"], s["after"]
+    precision = ("bf16 (bf16 weights for sampling; bf16 autocast with fp32 master weights for training; this "
+                 "CPU has AMX)" if s["data"].get("bf16_sampling_and_training") else "fp32")
     md = [f"# Constraint-following tuning of SmolLM2-135M-Instruct (from its GGUF), {s['date']}", "",
           f"Machine: {s['machine']}. Model: `{s['model']}`. IFEval: {before['n_prompts']} prompts "
           f"({before['n_instructions']} instructions), prompts 1, 1+{s['ifeval_every']}, 1+2x{s['ifeval_every']}, ... of input_data.jsonl, "
@@ -226,7 +228,8 @@ def write_report(work: Path, s: dict, stages: Stages, plots: list[Path]) -> Path
            f"{s['data']['kept']} prompts with a fully verified response that stopped on its own "
            f"({s['data']['kept'] / max(1, s['data']['sampled']):.0%} of {s['data']['sampled']}).",
            f"- Formatting repairs (`--repair`): {'on' if s['data']['repair'] else 'off'}; kept replies per "
-           f"repair: {s['data']['kept_with_repair'] or {}}; garbled samples rejected: {s['data']['garbled']}.", "",
+           f"repair: {s['data']['kept_with_repair'] or {}}; garbled samples rejected: {s['data']['garbled']}.",
+           f"- Precision: sampling and training {precision}; both IFEval runs and the forgetting check fp32.", "",
            "## Per instruction type (loose accuracy)", "", "| instruction | n | untuned | tuned |", "|---|---:|---:|---:|"]
     for iid in sorted(set(before["per_instruction"]) | set(after["per_instruction"])):
         bi, ai = before["per_instruction"].get(iid, {}), after["per_instruction"].get(iid, {})
@@ -258,6 +261,9 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=256, help="IFEval generation limit (both evals)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch")
     p.add_argument("--general", type=int, default=170, help="hh-rlhf chosen replies in the forgetting check")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                   help="sample in bf16 and train with bf16 autocast (IFEval and the forgetting check stay "
+                        "fp32); auto = on for CPUs with AMX, where it is ~1.6-1.9x faster")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     p.add_argument("overrides", nargs="*", help="extra training overrides, e.g. train.lr=1e-4")
@@ -271,6 +277,9 @@ def main() -> int:
     stages = Stages(work / "log.txt")
     model = str(Path(args.model).resolve()) if args.model else str(stages.timed("fetch model", ensure_real_model, ROOT))
     bs = str(args.batch_size)
+    from instructkit.models import cpu_has_fast_bf16
+
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_fast_bf16())
 
     n_eval = write_ifeval_subset(work / "ifeval_subset.jsonl", args.ifeval_every)
     general = write_general_text(work / "general.jsonl", args.general)
@@ -295,10 +304,11 @@ def main() -> int:
                                       "--temperature", str(args.temperature), "--top-p", str(args.top_p),
                                       *([] if args.no_repair else ["--repair"]), "--max-new-tokens",
                                       str(args.sample_tokens), "--batch-size", bs, "--seed", str(args.seed),
-                                      "--out", str(work / "samples")])
+                                      "--dtype", "bfloat16" if bf16 else "auto", "--out", str(work / "samples")])
     tuned = work / "tuned"
     stages.run("tune", ["train", str(CONFIG), f"model.name_or_path={model}",
-                        f"data.train={work / 'samples' / 'best.jsonl'}", f"output_dir={tuned}", *args.overrides])
+                        f"data.train={work / 'samples' / 'best.jsonl'}", f"output_dir={tuned}",
+                        *(["train.bf16=true"] if bf16 else []), *args.overrides])
     final = tuned / "final"
     is_adapter = (final / "adapter_config.json").exists()
     eval_model = ["--model", model, "--adapter", str(final)] if is_adapter else ["--model", str(final)]
@@ -319,6 +329,7 @@ def main() -> int:
         "data": {"generated": args.prompts, "decontam_removed": dec.get("removed"),
                  "decontam_overlapping": dec.get("overlapping"), "samples_per_prompt": args.samples,
                  "temperature": args.temperature, "top_p": args.top_p, "repair": not args.no_repair,
+                 "bf16_sampling_and_training": bf16,
                  "sample_tokens": args.sample_tokens, "kept_with_repair": sampled.get("kept_with_repair"),
                  "garbled": sampled.get("samples_garbled"),
                  "sampled": sampled["prompts"], "kept": sampled["best_written"],

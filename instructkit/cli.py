@@ -57,7 +57,9 @@ def cmd_train(args) -> int:
         return run()
     try:
         # Under torchrun, an exception on any rank is recorded for torchrun's failure report.
-        return distributed.record_errors(run)()
+        code = distributed.record_errors(run)()
+        distributed.barrier()  # no rank tears the group down while another still has collectives in flight
+        return code
     finally:
         distributed.shutdown()
 
@@ -241,9 +243,7 @@ def cmd_demo(args) -> int:
     from instructkit.demo import run_demo
     from instructkit.report import write_report
 
-    from instructkit.demo import DISTILL_STAGES, PREFERENCE_STAGES
-
-    PREFERENCE_STAGES = PREFERENCE_STAGES + DISTILL_STAGES  # every optional --with stage
+    from instructkit.demo import OPTIONAL_STAGES as PREFERENCE_STAGES  # every optional --with stage
 
     stages = tuple(x.strip() for x in args.with_stages.split(",") if x.strip()) if args.with_stages else ()
     if any(s not in PREFERENCE_STAGES for s in stages):
@@ -281,6 +281,11 @@ def cmd_demo(args) -> int:
         for name, m in summary["distill"].items():
             if "kl_teacher_student" in m:
                 print(f"{name:18s}{m['kl_teacher_student']:11.4f}{m['kl_student_teacher']:11.4f}{m['validation_nll']:11.4f}")
+    for name, m in (summary.get("rl") or {}).items():  # --with grpo,ppo: numbers only, no claim
+        print(f"{name}: rollout reward {m.get('reward_first_third', float('nan')):.3f} -> "
+              f"{m.get('reward_last_third', float('nan')):.3f} (first -> last third), KL to ref "
+              f"{m.get('kl_ref_last_third', float('nan')):.4f}, validation accuracy "
+              f"{m['validation_accuracy_start']:.1%} -> {m['validation_accuracy_end']:.1%}")
     print(f"\ntotal {summary['times']['total']:.0f}s. Report: {md} and {html_path}")
     return 0
 
@@ -303,7 +308,7 @@ def cmd_eval(args) -> int:
     require_splits(args.data, splits)
     from instructkit.models import load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.template)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.template, dtype=args.dtype)
     check_chat_template(tokenizer, args.adapter or args.model)
     corpus = None
     if args.corpus:
@@ -351,7 +356,7 @@ def cmd_eval_ifeval(args) -> int:
         from instructkit.models import load_for_inference
 
         records = records[:args.limit] if args.limit is not None else records
-        model, tokenizer = load_for_inference(args.model, args.adapter, args.template)
+        model, tokenizer = load_for_inference(args.model, args.adapter, args.template, dtype=args.dtype)
         check_chat_template(tokenizer, args.adapter or args.model)
         max_new = args.max_new_tokens or 1280
         print(f"generating {len(records)} IFEval responses with {args.adapter or args.model} "
@@ -376,6 +381,12 @@ def cmd_eval_ifeval(args) -> int:
 # ---------------------------------------------------------------------------------------------- answer, judge
 
 
+def _dtype_arg(parser) -> None:
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="weights for generation; auto = bf16 on GPU, fp32 on CPU (bfloat16 is ~1.9x "
+                             "faster on CPUs with AMX, with slightly different outputs)")
+
+
 def _model_id(path: str) -> str:
     p = Path(path).resolve()
     # instructkit runs save to RUN/final; the run's name says more than "final".
@@ -392,7 +403,7 @@ def cmd_answer(args) -> int:
     questions = load_questions(args.questions)[: args.limit or None]
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.template)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.template, dtype=args.dtype)
     check_chat_template(tokenizer, args.adapter or args.model)
     model_id = args.model_id or _model_id(args.adapter or args.model)
     t0 = time.perf_counter()
@@ -522,7 +533,7 @@ def cmd_best_of_n(args) -> int:
         return 2
     records = read_prompts(args.prompts, args.limit)
     scorer, name = reward_scorer(args.reward) if args.reward else function_scorer(args.verifier)
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
     require_stop = args.verifier == "ifeval" if args.require_stop is None else args.require_stop
@@ -593,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model folder (base model when --adapter is given); optional for "
                     "--suite ifeval with --responses")
     ev.add_argument("--adapter", help="LoRA adapter folder (its tokenizer and template are used)")
+    _dtype_arg(ev)
     ev.add_argument("--suite", default="skills", choices=["skills", "ifeval"])
     ev.add_argument("--data", help="skills: folder written by `instructkit synth skills`")
     ev.add_argument("--prompts", help="ifeval: input file with prompt, instruction_id_list, kwargs per line")
@@ -629,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and best-vs-worst (pairs)")
     bn.add_argument("--model", required=True, help="policy model folder (base model when --adapter is given)")
     bn.add_argument("--adapter", help="LoRA adapter folder of the policy")
+    _dtype_arg(bn)
     bn.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'messages' per record")
     bn.add_argument("--n", type=int, default=4)
     bn.add_argument("--reward", help="reward model folder to score with")
@@ -656,12 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--limit", type=int, help="prompts per split in evaluation (default 40, quick 20)")
     dm.add_argument("--with", dest="with_stages", metavar="STAGES",
-                    help="optional stages after SFT, comma-separated: dpo, orpo, reward, distill")
+                    help="optional stages after SFT, comma-separated: dpo, orpo, reward, distill, grpo, ppo")
     dm.set_defaults(func=cmd_demo)
 
     an = sub.add_parser("answer", help="answer a question file with a local model (input for `judge`)")
     an.add_argument("--model", required=True, help="model folder (base model when --adapter is given)")
     an.add_argument("--adapter", help="LoRA adapter folder (its tokenizer and chat template are used)")
+    _dtype_arg(an)
     an.add_argument("--questions", required=True, help="MT-Bench question.jsonl or a prompt JSONL")
     an.add_argument("--out", required=True, help="answers JSONL to write (FastChat answer format)")
     an.add_argument("--model-id", help="name in the answers file (default: the model/run folder name)")

@@ -103,7 +103,9 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     resume: bool = False
-    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast; auto = on for CUDA.")
+    bf16: Literal["auto", True, False] = Field(
+        "auto", description="bf16 autocast (fp32 master weights); auto = on for CUDA. On a CPU with AMX "
+        "(Sapphire Rapids or later) true trains about 1.6-2x faster; elsewhere on CPU it is slower.")
     progress: bool = True
 
 

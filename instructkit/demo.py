@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -98,6 +99,63 @@ def preference_run(method: str, start: Path, data_dir: Path, out: Path, seed: in
     }
     (reward if method == "reward" else preference).main(load_config(raw=raw))
     return out / method / "final"
+
+
+RL_STAGES = ("grpo", "ppo")
+
+
+def rl_run(method: str, start: Path, data_dir: Path, out: Path, seed: int, steps: int) -> Path:
+    """GRPO / PPO from the full SFT model on the curriculum's training prompts, the skills verifier as
+    reward. Settings of bench/RESULTS.md "Online RL on the skills curriculum" (GRPO B and PPO); one
+    optimizer step per rollout for GRPO, two (two passes) for PPO. No in-run evaluation: the stage is
+    evaluated afterwards like the others."""
+    from instructkit.config import load_config
+    from instructkit.methods import grpo, ppo
+
+    train = {"max_steps": steps, "lr": 1e-4, "schedule": "constant", "save_every": steps}
+    rl = {"reward": "skills", "max_new_tokens": 24, "temperature": 1.0}
+    if method == "grpo":  # 16 prompts x 8 completions = 128 per rollout
+        train.update(micro_batch_size=32, grad_accum=4)
+        rl.update(group_size=8, prompts_per_rollout=16, kl_coef=0.04, kl_estimator="k3", loss_aggregation="grpo")
+    else:  # 32 completions per rollout, two passes over each
+        train.update(micro_batch_size=16, grad_accum=2)
+        rl.update(prompts_per_rollout=32, rollout_epochs=2, kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95,
+                  vf_coef=0.1, missing_stop_penalty=1.0)
+    cfg = load_config(raw={"method": method, "seed": seed, "output_dir": str(out / method),
+                           "model": {"name_or_path": str(start)},
+                           "data": {"train": str(data_dir / "train.jsonl"), "max_length": 256},
+                           "train": train, "rl": rl})
+    (grpo if method == "grpo" else ppo).main(cfg)
+    return out / method / "final"
+
+
+def rl_summary(run_dir: Path, method: str) -> dict:
+    """Training-rollout numbers from the run's metrics.jsonl: the verifier score (PPO's ``score_mean``,
+    before its missing-stop penalty; GRPO's ``reward_mean``) and the KL to the reference, averaged per
+    rollout, then over the first and the last third of the rollouts."""
+    from instructkit.report import _metrics_lines
+
+    key = "score_mean" if method == "ppo" else "reward_mean"
+    per_rollout: dict[int, dict] = {}
+    steps = 0
+    for rec in _metrics_lines(run_dir):
+        if key in rec:  # one line per optimizer step; every step of a rollout carries its telemetry
+            per_rollout.setdefault(max(0, math.ceil(rec["epoch"]) - 1), rec)  # epoch 0.5, 1.0: rollout 0
+            steps = max(steps, rec["step"])
+    rollouts = [per_rollout[k] for k in sorted(per_rollout)]
+    if not rollouts:
+        return {"rollouts": 0}
+    third = max(1, len(rollouts) // 3)
+
+    def mean(recs: list[dict], k: str) -> float:
+        vals = [r[k] for r in recs if k in r]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    return {"steps": steps, "rollouts": len(rollouts), "reward_key": key,
+            "reward_first_third": mean(rollouts[:third], key), "reward_last_third": mean(rollouts[-third:], key),
+            "reward_per_rollout": [r[key] for r in rollouts],
+            "kl_ref_first_third": mean(rollouts[:third], "kl_ref"), "kl_ref_last_third": mean(rollouts[-third:], "kl_ref"),
+            "stop_fraction_last_third": mean(rollouts[-third:], "stop_fraction")}
 
 
 DISTILL_STAGES = ("distill",)
@@ -193,6 +251,9 @@ def distill_demo(teacher: Path, teacher_base: Path, data_dir: Path, out: Path, c
     return results, agreement
 
 
+OPTIONAL_STAGES = PREFERENCE_STAGES + DISTILL_STAGES + RL_STAGES
+
+
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpus_lines: list[str],
                    base_dir: Path | None = None) -> dict:
     """Evaluate a full model folder, or an adapter folder on top of ``base_dir``."""
@@ -211,18 +272,20 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
 
 def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instructkit", quick: bool = False,
              seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 3.0,
-             n_train: int = 6000, n_corpus: int = 30000, with_stages: tuple[str, ...] = ()) -> dict:
+             n_train: int = 6000, n_corpus: int = 30000, with_stages: tuple[str, ...] = (),
+             rl_steps: int | None = None) -> dict:
     """Run every stage and return ``{"results", "times", "base", "quick", "limit"}``.
 
     ``preset``, ``n_train``, ``n_corpus`` and ``sft_epochs`` exist so tests can run the whole
     pipeline at a miniature scale; the defaults are the demo's. ``with_stages`` adds optional stages
     after SFT: ``dpo`` and ``orpo`` (from the full SFT model, on the curriculum's preference pairs,
-    evaluated like the others) and ``reward`` (a reward model; its held-out pairwise accuracy).
+    evaluated like the others), ``reward`` (a reward model; its held-out pairwise accuracy), ``distill``
+    and ``grpo`` / ``ppo`` (online RL from the full SFT model, the skills verifier as reward;
+    ``rl_steps`` optimizer steps, default 20 for both, 6 / 8 with ``quick``).
     """
-    unknown = [s for s in with_stages if s not in PREFERENCE_STAGES + DISTILL_STAGES]
+    unknown = [s for s in with_stages if s not in OPTIONAL_STAGES]
     if unknown:
-        raise ValueError(f"unknown demo stage(s) {unknown}; choose from "
-                         f"{', '.join(PREFERENCE_STAGES + DISTILL_STAGES)}")
+        raise ValueError(f"unknown demo stage(s) {unknown}; choose from {', '.join(OPTIONAL_STAGES)}")
     from instructkit.synth.skills import write_skills
 
     t_start = time.perf_counter()
@@ -276,7 +339,21 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
 
     preference_summary = {}
     distill_summary = {}
+    rl_results = {}
     for i, method in enumerate(with_stages):
+        if method in RL_STAGES:
+            _stage(7 + i, n_stages, f"{method.upper()} from the full SFT model (skills verifier as reward)")
+            t = time.perf_counter()
+            steps = rl_steps or ({"grpo": 6, "ppo": 8}[method] if quick else 20)
+            final = rl_run(method, full, data_dir, out, seed, steps)
+            results[method] = evaluate_model(final, data_dir, out / f"eval-{method}", limit, probe)
+            rl_results[method] = rl_summary(out / method, method)
+            for name, when in (("sft-full", "start"), (method, "end")):  # validation, greedy, as for the others
+                val = results[name]["splits"]["validation"]
+                rl_results[method][f"validation_accuracy_{when}"] = val["accuracy"]  # the verifier = the reward
+                rl_results[method][f"validation_exact_match_{when}"] = val["exact_match"]
+            times[method] = time.perf_counter() - t
+            continue
         if method == "distill":  # teacher: the full SFT model; three nano students (SFT, KD, sequence KD)
             _stage(7 + i, n_stages, "distillation: SFT vs token-level KD vs sequence-level KD of a nano student")
             t = time.perf_counter()
@@ -300,5 +377,7 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
                "preference": preference_summary}
     if distill_summary:  # held-out agreement of the distilled students with their teacher
         summary["distill"] = distill_summary
+    if rl_results:  # training-rollout reward and KL of the online RL stages
+        summary["rl"] = rl_results
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     return summary

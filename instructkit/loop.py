@@ -393,6 +393,13 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def _bf16_would_pay(model: torch.nn.Module, min_params: int = 20_000_000) -> bool:
+    """An AMX CPU and a model big enough for matmuls to dominate (tiny models gain nothing)."""
+    from instructkit.models import cpu_has_fast_bf16
+
+    return sum(p.numel() for p in model.parameters()) >= min_params and cpu_has_fast_bf16()
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -417,7 +424,9 @@ def train_loop(
     Args:
         model: Module with trainable parameters (full model or peft-wrapped).
         batches: ``epoch -> micro-batches``; must return the same list for the same epoch, which is
-            what makes resume exact.
+            what makes resume exact. A source whose state carries over epochs may also have
+            ``state_dict() -> JSON-able dict`` (saved in every checkpoint) and ``load_state_dict(d)``
+            (called on resume, before the first ``batches(epoch)``).
         micro_per_epoch: ``len(batches(e))`` (equal for every epoch).
         loss_fn: ``(model, micro_batch) -> StepOutput`` with a summed loss.
         cfg: The ``train`` section.
@@ -461,7 +470,15 @@ def train_loop(
             saved = json.loads((last_ckpt / "trainer_state.json").read_text(encoding="utf-8"))
             _check_same_global_batch(saved, cfg, world, last_ckpt)
             loaded = load_checkpoint(last_ckpt, model, optimizer, scheduler)
+            source_state = loaded.pop("source", None)
+            if source_state is not None and hasattr(batches, "load_state_dict"):
+                batches.load_state_dict(source_state)
             state.update(loaded, micro_batches_per_step=per_step, world_size=world)
+            if state["group_in_epoch"] >= per_epoch:
+                # Saved after the epoch's last step: go straight to the next one instead of asking the
+                # source for a finished epoch again (an RL source would sample a rollout for nothing).
+                state["epoch"] += 1
+                state["group_in_epoch"] = 0
             resume_step = state["global_step"]
             if main:
                 print(f"resuming from {last_ckpt} (step {resume_step})", file=sys.stderr)
@@ -483,6 +500,9 @@ def train_loop(
                                     and torch.cuda.is_bf16_supported())
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 \
         else nullcontext
+    if main and device.type == "cpu" and not use_bf16 and cfg.bf16 == "auto" and _bf16_would_pay(model):
+        print("note: this CPU has AMX bf16 units; train.bf16: true (bf16 autocast, fp32 master weights) "
+              "trains a model this size about 1.6-2x faster here", file=sys.stderr)
     progress = Progress(total_steps, state["global_step"], cfg.progress and main)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -490,8 +510,10 @@ def train_loop(
     last_metrics: dict[str, Any] = {}
 
     def checkpoint() -> Path:
+        # A source with state that evolves over epochs (e.g. PPO's adaptive KL coefficient) saves it too.
+        extra = {"source": batches.state_dict()} if hasattr(batches, "state_dict") else {}
         return save_checkpoint(ckpt_root, state["global_step"], model, optimizer, scheduler,
-                               dict(state), cfg.keep_last)
+                               {**state, **extra}, cfg.keep_last)
 
     def evaluate() -> dict[str, float]:
         with engine.full_parameters():

@@ -124,6 +124,28 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
                       f"{m.get('eval_accuracy', float('nan')):.1%} | "
                       f"{m.get('eval_reward_margin', float('nan')):.3f} |")
         md.append("")
+    rl = summary.get("rl") or {}
+    if rl:
+        md += ["## Online RL stages (GRPO / PPO, skills verifier as reward)", "",
+               "Both start from the full SFT model and sample completions of the curriculum's training prompts; "
+               "the reward is the skills verifier (1 if the answer is right, 0 otherwise; PPO's score before its "
+               "missing-stop penalty). Rollout reward is the mean over the first and the last third of the "
+               "training rollouts (sampled at temperature 1, so it is not comparable with greedy accuracy); KL is "
+               "the mean per-token KL of the rollout policy to the SFT model. Validation numbers are greedy, "
+               "evaluated like the other stages (full SFT model -> after RL). These are short CPU runs: compare "
+               "the numbers, do not read them as an improvement unless they show one beyond noise "
+               f"(validation has {results[models[0]]['splits']['validation']['n']} prompts here).",
+               "", "| stage | rollouts (steps) | rollout reward, first -> last third | KL to reference, last third "
+               "| validation accuracy | validation exact match |", "|---|---:|---|---:|---|---|"]
+        for name, m in rl.items():
+            if not m.get("rollouts"):
+                md.append(f"| {name} | 0 | n/a | n/a | n/a | n/a |")
+                continue
+            md.append(f"| {name} | {m['rollouts']} ({m['steps']}) | {m['reward_first_third']:.3f} -> "
+                      f"{m['reward_last_third']:.3f} | {m.get('kl_ref_last_third', float('nan')):.4f} | "
+                      f"{m['validation_accuracy_start']:.1%} -> {m['validation_accuracy_end']:.1%} | "
+                      f"{m['validation_exact_match_start']:.1%} -> {m['validation_exact_match_end']:.1%} |")
+        md.append("")
     md += ["## Accuracy per family", ""]
     fam_split = ["validation", "heldout_phrasing", "heldout_family"]
     md.append("| split | family | " + " | ".join(models) + " |")

@@ -286,6 +286,41 @@ def check_alarms(cfg: RunConfig, rollout: int, m: dict, trend: "LengthTrend | No
                   f"(rl.{key})", file=sys.stderr)
 
 
+class CarriedState:
+    """Resume support for an RL batch source: what carries over from one rollout to the next.
+
+    The loop saves ``state_dict()`` in every checkpoint and hands it to ``load_state_dict`` on resume.
+    It holds the carried values twice: as they were before the last built rollout, and after it. A
+    resume inside that rollout re-builds it from the "before" values; a resume at its end (the loop then
+    asks for the next rollout) continues from the "after" values, as an uninterrupted run would.
+    Subclasses call ``_begin_rollout(epoch)`` first thing when building a rollout and extend
+    ``carried`` / ``restore_carried``.
+    """
+
+    trend: LengthTrend
+    _built: int | None = None
+    _before: dict | None = None
+    _pending: dict | None = None
+
+    def carried(self) -> dict:
+        return {"length_history": [list(x) for x in self.trend.history]}
+
+    def restore_carried(self, d: dict) -> None:
+        self.trend.history = [tuple(x) for x in d["length_history"]]
+
+    def state_dict(self) -> dict:
+        return {"rollout": self._built, "before": self._before, "after": self.carried()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self._pending = d
+
+    def _begin_rollout(self, epoch: int) -> None:
+        d, self._pending = self._pending, None
+        if d is not None and d["rollout"] is not None:
+            self.restore_carried(d["before"] if epoch == d["rollout"] else d["after"])
+        self._built, self._before = epoch, self.carried()
+
+
 class LengthTrend:
     """Alarm for length hacking: completions grow while the reward does not.
 

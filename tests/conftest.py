@@ -33,3 +33,20 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def train_cli(cfg: dict, yaml_path: Path, *extra: str) -> list[dict]:
+    """Write ``cfg`` to ``yaml_path``, run ``instructkit train`` on it in a subprocess (with the tests
+    folder importable, for ``test_x:reward`` functions) and return the run's metrics.jsonl records."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    yaml_path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    proc = subprocess.run([sys.executable, "-m", "instructkit", "train", str(yaml_path), *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x) for x in (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()]

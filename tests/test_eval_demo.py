@@ -165,3 +165,31 @@ def test_demo_pipeline_end_to_end_at_miniature_scale(tmp_path):
     assert 0.0 <= again["preference"]["reward"]["eval_accuracy"] <= 1.0
     md2, _ = write_report(tmp_path / "demo2", again, ["instructkit demo --with dpo,reward"])
     assert "Preference stages" in md2.read_text()
+
+
+def test_demo_rl_stages_at_miniature_scale(tmp_path):
+    """`instructkit demo --with grpo,ppo` in miniature: both RL stages start from the full SFT model, are
+    evaluated like the other stages, and the summary and report carry their rollout reward and KL."""
+    from instructkit.demo import run_demo
+    from instructkit.report import write_report
+
+    summary = run_demo(out=tmp_path / "demo", cache=tmp_path / "cache", quick=True, preset="nano", limit=4,
+                       sft_epochs=0.3, n_train=150, n_corpus=600, with_stages=("grpo", "ppo"), rl_steps=2)
+    assert set(summary["results"]) == {"base", "sft-full", "sft-lora", "grpo", "ppo"}
+    assert set(summary["rl"]) == {"grpo", "ppo"}
+    for method, m in summary["rl"].items():
+        assert (tmp_path / "demo" / method / "final" / "config.json").exists()
+        cfg = (tmp_path / "demo" / method / "config.yaml").read_text()
+        assert "sft-full/final" in cfg and "reward: skills" in cfg
+        assert m["steps"] == 2 and m["rollouts"] == {"grpo": 2, "ppo": 1}[method]
+        assert len(m["reward_per_rollout"]) == m["rollouts"]
+        assert 0.0 <= m["reward_first_third"] <= 1.0 and 0.0 <= m["reward_last_third"] <= 1.0
+        assert m["kl_ref_last_third"] == m["kl_ref_last_third"]  # logged (not NaN)
+        val = summary["results"][method]["splits"]["validation"]
+        assert m["validation_accuracy_end"] == val["accuracy"] and m["validation_exact_match_end"] == val["exact_match"]
+        assert m["validation_accuracy_start"] == summary["results"]["sft-full"]["splits"]["validation"]["accuracy"]
+    saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert saved["rl"]["ppo"]["reward_key"] == "score_mean" and saved["rl"]["grpo"]["reward_key"] == "reward_mean"
+    md, _ = write_report(tmp_path / "demo", summary, ["instructkit demo --with grpo,ppo"])
+    text = md.read_text()
+    assert "Online RL stages" in text and "| grpo | 2 (2) |" in text and "| ppo | 1 (2) |" in text

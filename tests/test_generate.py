@@ -136,3 +136,21 @@ def test_bad_sampling_values():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1)
+
+
+def test_load_for_inference_in_bf16_generates_and_logprobs_track_fp32(tiny_model_dir, tiny_tokenizer, prompts):
+    """``dtype="bfloat16"`` (eval/best-of-n/answer ``--dtype``) loads bf16 weights; generation runs and
+    its log-probs are those of the fp32 model up to bf16 rounding, on the same tokens."""
+    from instructkit.models import load_for_inference
+
+    m16, _ = load_for_inference(tiny_model_dir, dtype="bfloat16")
+    m32, _ = load_for_inference(tiny_model_dir)
+    assert next(m16.parameters()).dtype == torch.bfloat16 and next(m32.parameters()).dtype == torch.float32
+    g = generate(m16, tiny_tokenizer, prompts, SamplingConfig(max_new_tokens=8), batch_size=8)
+    assert all(len(x.token_ids) >= 1 and x.finish_reason in ("stop", "length") for x in g)
+    for p, x in zip(prompts, g):
+        ids = torch.tensor([p + x.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(m32(ids).logits[0, len(p) - 1:-1].float(), -1)
+        ref = logp.gather(-1, torch.tensor(x.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(x.logprobs), ref, atol=0.1), (x.logprobs, ref)

@@ -78,21 +78,14 @@ def length_reward(record: dict, completion: str) -> float:
 
 @pytest.mark.slow
 def test_grpo_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, skills):
-    import os
-
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    from conftest import train_cli
 
     def run(name, steps, *extra):
         cfg = yaml.safe_load(_config(tmp_path, tiny_model_dir, skills, reward="test_grpo:length_reward").read_text())
         cfg["output_dir"] = str(tmp_path / name)
         cfg["data"].pop("eval")
         cfg["train"].update(max_steps=steps, save_every=1, schedule="constant")
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        proc = subprocess.run([sys.executable, "-m", "instructkit", "train", str(path), *extra], capture_output=True,
-                              text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return train_cli(cfg, tmp_path / f"{name}.yaml", *extra)
 
     run("a", 2)
     resumed = run("a", 3, "--resume")

@@ -174,3 +174,43 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_model_dir, tm
         assert abs(x["loss"] - y["loss"]) <= 1e-6 and x["lr"] == y["lr"]
     for (n, p1), (_, p2) in zip(ref.named_parameters(), m2.named_parameters()):
         assert torch.equal(p1, p2), n
+
+
+def test_bf16_autocast_on_cpu_keeps_fp32_master_weights_and_tracks_fp32_loss(tiny_model_dir, tmp_path):
+    """train.bf16: true on CPU runs the forward under bf16 autocast; parameters, gradients and the
+    optimizer state stay fp32, and the loss is the fp32 loss up to bf16 rounding."""
+    micro = _batches()
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        train_loop(model=m, batches=lambda e: micro, micro_per_epoch=4, loss_fn=_step,
+                   cfg=_cfg(grad_accum=1, max_steps=2, bf16=bf16), out_dir=tmp_path / str(bf16))
+        assert {p.dtype for p in m.parameters()} == {torch.float32}
+        losses[bf16] = [json.loads(x)["loss"] for x in (tmp_path / str(bf16) / "metrics.jsonl").read_text().splitlines()]
+    assert losses[True] != losses[False]  # autocast really ran in bf16
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+def test_amx_note_only_when_bf16_would_pay(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import instructkit.loop as loop_mod
+
+    micro = _batches(n=1)
+    for pays, bf16, expect in ((True, "auto", True), (False, "auto", False), (True, False, False)):
+        monkeypatch.setattr(loop_mod, "_bf16_would_pay", lambda model: pays)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        train_loop(model=m, batches=lambda e: micro, micro_per_epoch=1, loss_fn=_step,
+                   cfg=_cfg(max_steps=1, bf16=bf16), out_dir=tmp_path / f"{pays}{bf16}")
+        assert ("train.bf16: true" in capsys.readouterr().err) is expect
+
+
+def test_bf16_would_pay_needs_a_large_model_and_amx(tiny_model_dir, monkeypatch):
+    import instructkit.models as models
+    from instructkit.loop import _bf16_would_pay
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert not _bf16_would_pay(m)  # a tiny model gains nothing
+    assert _bf16_would_pay(m, min_params=1)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert not _bf16_would_pay(m, min_params=1)

@@ -19,7 +19,8 @@ fraction, approximate KL to the rollout policy, entropy).
 Resume: the loop re-asks for the rollout of the epoch it resumes in; sampling is seeded by
 (seed, epoch), so a checkpoint taken at a rollout boundary (``train.save_every`` a multiple of the
 optimizer steps per rollout) resumes exactly; from a checkpoint inside a rollout, that rollout is
-re-sampled from the checkpoint's weights.
+re-sampled from the checkpoint's weights. The length alarm's history is saved with the checkpoint
+(``rollout.CarriedState``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from instructkit.losses import aggregate_token_loss, group_advantages, kl_estima
 from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, target_logits
 
 
-class Rollouts:
+class Rollouts(ro.CarriedState):
     """The loop's batch source: ``epoch -> micro-batches`` of a fresh rollout (the last one is kept)."""
 
     def __init__(self, cfg: RunConfig, model, tokenizer, prompts: ro.Prompts, reward_fn: ro.RewardFn, reference,
@@ -61,6 +62,7 @@ class Rollouts:
 
     def _build(self, epoch: int) -> list[dict]:
         rl, G, P = self.rl, self.rl.group_size, self.prompts
+        self._begin_rollout(epoch)
         t0 = time.perf_counter()
         idx = [i for i in ro.prompt_indices(len(P), rl.prompts_per_rollout, epoch, self.cfg.seed) for _ in range(G)]
         ids = [P.ids[i] for i in idx]

@@ -13,8 +13,10 @@ train:    the shared loop, ``rl.rollout_epochs`` passes over the rollout's micro
           ``clipped policy loss + vf_coef * clipped value loss``, averaged over the step's tokens
 save:     final/ as for SFT, plus ``final/value_head.safetensors``
 
-The adaptive KL controller's coefficient is logged as ``kl_coef``; it is recomputed from the
-rollouts, so after a resume it restarts from ``rl.kl_coef``.
+The adaptive KL controller's coefficient is logged as ``kl_coef``; it is saved in every checkpoint
+(``rollout.CarriedState``), so a resumed run continues it. As for GRPO, a checkpoint at a rollout
+boundary (``train.save_every`` a multiple of the steps per rollout) resumes exactly; from one inside
+a rollout, that rollout is re-sampled from the checkpoint's weights.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def policy_and_values(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logp, values, logits
 
 
-class Rollouts:
+class Rollouts(ro.CarriedState):
     """The loop's batch source for PPO: ``epoch -> micro-batches`` of a fresh rollout (the last one is kept)."""
 
     def __init__(self, cfg: RunConfig, model, tokenizer, prompts: ro.Prompts, reward_fn: ro.RewardFn, reference,
@@ -88,9 +90,19 @@ class Rollouts:
             self._cache = (epoch, self._build(epoch))
         return self._cache[1]
 
+    def carried(self) -> dict:  # the adaptive KL coefficient is checkpointed with the length alarm's history
+        return {**super().carried(), "kl_coef": self.kl_coef}
+
+    def restore_carried(self, d: dict) -> None:
+        super().restore_carried(d)
+        self.kl_coef = d["kl_coef"]
+        if self.kl_ctl is not None:
+            self.kl_ctl.value = self.kl_coef
+
     @torch.no_grad()
     def _build(self, epoch: int) -> list[dict]:
         rl, P, mbs = self.rl, self.prompts, self.mbs
+        self._begin_rollout(epoch)
         t0 = time.perf_counter()
         idx = ro.prompt_indices(len(P), rl.prompts_per_rollout, epoch, self.cfg.seed)
         ids = [P.ids[i] for i in idx]
