@@ -281,7 +281,7 @@ def main() -> int:
 
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_fast_bf16())
 
-    n_eval = write_ifeval_subset(work / "ifeval_subset.jsonl", args.ifeval_every)
+    write_ifeval_subset(work / "ifeval_subset.jsonl", args.ifeval_every)
     general = write_general_text(work / "general.jsonl", args.general)
     general["n"] = general["mt_bench_reference_answers"] + general["hh_rlhf_chosen"]
     # Convert the GGUF once up front so no stage below is charged for it.

@@ -240,14 +240,12 @@ def cmd_synth_skills(args) -> int:
 
 def cmd_demo(args) -> int:
     """The embedded default: skills curriculum, pretrained tiny base, SFT, evaluation, report."""
-    from instructkit.demo import run_demo
+    from instructkit.demo import OPTIONAL_STAGES, run_demo
     from instructkit.report import write_report
 
-    from instructkit.demo import OPTIONAL_STAGES as PREFERENCE_STAGES  # every optional --with stage
-
     stages = tuple(x.strip() for x in args.with_stages.split(",") if x.strip()) if args.with_stages else ()
-    if any(s not in PREFERENCE_STAGES for s in stages):
-        print(f"error: --with takes a comma-separated list of {', '.join(PREFERENCE_STAGES)}; got "
+    if any(s not in OPTIONAL_STAGES for s in stages):
+        print(f"error: --with takes a comma-separated list of {', '.join(OPTIONAL_STAGES)}; got "
               f"'{args.with_stages}'", file=sys.stderr)
         return 2
     summary = run_demo(out=args.out, cache=args.cache, quick=args.quick, seed=args.seed, limit=args.limit,
