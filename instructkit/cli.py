@@ -255,6 +255,7 @@ def cmd_demo(args) -> int:
     commands = [
         f"instructkit demo --out {args.out}{q} --seed {args.seed}   # everything below in one command",
         f"instructkit synth skills --out {out / 'data'} --seed {args.seed}",
+        f"instructkit train {Path(summary['base']).parent / 'config.yaml'}   # the base: pretraining (Muon, one fact per block)",
         f"instructkit train {out / 'sft-full/config.yaml'}        # base model: {summary['base']}",
         f"instructkit train {out / 'sft-lora/config.yaml'}",
         f"instructkit eval --model {summary['base']} --data {out / 'data'} --out {out / 'eval-base'}"
@@ -663,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the embedded default: tune a tiny model on the skills curriculum")
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--cache", default=".cache/instructkit", help="where the pretrained base is kept")
-    dm.add_argument("--quick", action="store_true", help="shorter pretraining and evaluation")
+    dm.add_argument("--quick", action="store_true", help="3-minute taste: a half-epoch base (or the full one if cached), shorter tuning and evaluation")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--limit", type=int, help="prompts per split in evaluation (default 40, quick 20)")
     dm.add_argument("--with", dest="with_stages", metavar="STAGES",

@@ -77,6 +77,10 @@ class DataConfig(_Section):
     max_length: int = Field(512, gt=8)
     truncation: Literal["error", "right"] = "error"
     packing: bool = True
+    documents: Literal["stream", "separate"] = Field(
+        "stream", description="method: pretrain only. stream = documents joined and cut into full rows "
+        "(the standard layout); separate = each document whole in a packed row, attending only to itself, "
+        "positions from 0 (for corpora of short independent documents, e.g. one fact per line).")
     on_error: Literal["raise", "skip"] = "raise"
     shuffle: bool = True
     curate: CurateConfig | None = Field(None, description="Dedup/decontaminate train records first.")
@@ -90,6 +94,11 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(8, gt=0, description="Rows (packed) or examples (padded) per micro-batch.")
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-4, gt=0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw, or muon: Muon on the hidden weight matrices (peak muon_lr) and AdamW "
+        "(peak lr) on embeddings, output head, norms and biases. Full fine-tuning and pretraining only.")
+    muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of Muon's matrices (optimizer: muon).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's Nesterov momentum (optimizer: muon).")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -269,6 +278,12 @@ class RunConfig(_Section):
                              f"({self.data.max_length}), which bounds prompt + completion")
         if self.distill.teacher_logits == "cache" and self.distill.top_k is None:
             raise ValueError("distill.teacher_logits: cache stores top-k log-probs; set distill.top_k (e.g. 32)")
+        if self.train.optimizer == "muon" and self.lora.enabled:
+            raise ValueError("train.optimizer: muon updates the model's own weight matrices; with lora.enabled "
+                             "use optimizer: adamw (or turn LoRA off for full fine-tuning)")
+        if self.train.optimizer == "muon" and self.distributed.strategy == "fsdp2":
+            raise ValueError("train.optimizer: muon needs whole matrices; with distributed.strategy: fsdp2 each "
+                             "rank holds a shard. Use strategy: ddp or optimizer: adamw")
         if self.distributed.strategy == "fsdp2" and self.lora.quantize_4bit:
             raise ValueError("lora.quantize_4bit cannot be sharded with distributed.strategy: fsdp2; use "
                              "strategy: ddp (each GPU holds the 4-bit base) or LoRA without quantize_4bit")

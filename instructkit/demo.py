@@ -15,16 +15,43 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_VERSION = 3  # bump when the base recipe changes, so stale caches are rebuilt
+DEMO_VERSION = 4  # bump when the base recipe changes, so stale caches are rebuilt
 
 
 def _stage(i: int, n: int, msg: str) -> None:
     print(f"\n[{i}/{n}] {msg}", file=sys.stderr, flush=True)
 
 
+def fast_bf16() -> bool:
+    """bf16 autocast for the demo's training runs where it is fast (CPUs with AMX, CUDA): about 2x on the
+    tiny models here. Elsewhere fp32, since emulated bf16 on a CPU is slower."""
+    import torch
+
+    from instructkit.models import cpu_has_fast_bf16
+
+    return torch.cuda.is_available() or cpu_has_fast_bf16()
+
+
 def base_recipe(preset: str, seed: int, quick: bool) -> dict:
+    """Pretraining of the demo's base. Muon on the hidden matrices and one document (fact) per packed block
+    are what let the tiny model start to compute the skills within the budget (bench/RESULTS.md)."""
     return {"version": DEMO_VERSION, "preset": preset, "seed": seed,
-            "pretrain_epochs": 1 if quick else 2, "max_length": 256, "lr": 3e-3, "micro_batch_size": 16}
+            "pretrain_epochs": 0.5 if quick else 2, "max_length": 256, "lr": 3e-3, "micro_batch_size": 16,
+            "optimizer": "muon", "muon_lr": 0.02, "documents": "separate", "bf16": fast_bf16()}
+
+
+def pretrain_train_section(recipe: dict) -> dict:
+    return {"epochs": recipe["pretrain_epochs"], "micro_batch_size": recipe["micro_batch_size"], "lr": recipe["lr"],
+            "optimizer": recipe["optimizer"], "muon_lr": recipe["muon_lr"], "bf16": recipe["bf16"],
+            "warmup_ratio": 0.05, "schedule": "cosine", "min_lr_ratio": 0.1, "save_every": 200, "eval_every": 200}
+
+
+def base_dir(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
+    """The cache folder of a base: keyed by the recipe and the exact corpus, so a different curriculum
+    never reuses a base."""
+    corpus_hash = hashlib.sha256((data_dir / "corpus_pretrain.txt").read_bytes()).hexdigest()
+    key = hashlib.sha256((json.dumps(recipe, sort_keys=True) + corpus_hash).encode()).hexdigest()[:12]
+    return cache_dir / f"base-{key}"
 
 
 def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
@@ -33,14 +60,11 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
     from instructkit.methods import pretrain
     from instructkit.tiny_model import build_tiny_model
 
-    # The key covers the recipe and the exact corpus, so a different curriculum never reuses a base.
-    corpus_hash = hashlib.sha256((data_dir / "corpus_pretrain.txt").read_bytes()).hexdigest()
-    key = hashlib.sha256((json.dumps(recipe, sort_keys=True) + corpus_hash).encode()).hexdigest()[:12]
-    final = cache_dir / f"base-{key}" / "final"
+    work = base_dir(data_dir, cache_dir, recipe)
+    final = work / "final"
     if (final / "config.json").exists():
         print(f"reusing cached base model {final}", file=sys.stderr)
         return final
-    work = cache_dir / f"base-{key}"
     if work.exists():
         shutil.rmtree(work)
     corpus = (data_dir / "corpus_pretrain.txt").read_text(encoding="utf-8").splitlines()
@@ -52,10 +76,8 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
         "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work),
         "model": {"name_or_path": str(init)},
         "data": {"train": str(data_dir / "corpus_pretrain.txt"), "eval": str(data_dir / "corpus_heldout.txt"),
-                 "max_length": recipe["max_length"]},
-        "train": {"epochs": recipe["pretrain_epochs"], "micro_batch_size": recipe["micro_batch_size"],
-                  "lr": recipe["lr"], "warmup_ratio": 0.05, "schedule": "cosine", "min_lr_ratio": 0.1,
-                  "save_every": 200, "eval_every": 200},
+                 "max_length": recipe["max_length"], "documents": recipe["documents"]},
+        "train": pretrain_train_section(recipe),
     })
     pretrain.main(cfg)
     (work / "recipe.json").write_text(json.dumps(recipe, indent=2))
@@ -72,7 +94,8 @@ def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs
         "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "validation.jsonl"),
                  "max_length": 256},
         "train": {"epochs": epochs, "micro_batch_size": 16, "lr": 2e-3 if not lora else 5e-3,
-                  "warmup_ratio": 0.05, "schedule": "cosine", "eval_every": 50, "save_every": 200},
+                  "warmup_ratio": 0.05, "schedule": "cosine", "eval_every": 50, "save_every": 200,
+                  "bf16": fast_bf16()},
     }
     if lora:
         raw["lora"] = {"enabled": True, "r": 32, "alpha": 64, "target_modules": "all-linear"}
@@ -189,9 +212,8 @@ def student_base(teacher_base: Path, data_dir: Path, cache_dir: Path, recipe: di
     pretrain.main(load_config(raw={
         "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work), "model": {"name_or_path": str(work / "init")},
         "data": {"train": str(data_dir / "corpus_pretrain.txt"), "eval": str(data_dir / "corpus_heldout.txt"),
-                 "max_length": recipe["max_length"]},
-        "train": {"epochs": recipe["pretrain_epochs"], "micro_batch_size": recipe["micro_batch_size"], "lr": recipe["lr"],
-                  "warmup_ratio": 0.05, "schedule": "cosine", "min_lr_ratio": 0.1, "save_every": 200, "eval_every": 200},
+                 "max_length": recipe["max_length"], "documents": recipe["documents"]},
+        "train": pretrain_train_section(recipe),
     }))
     return work / "final"
 
@@ -271,7 +293,7 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
 
 
 def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instructkit", quick: bool = False,
-             seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 3.0,
+             seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 2.0,
              n_train: int = 6000, n_corpus: int = 30000, with_stages: tuple[str, ...] = (),
              rl_steps: int | None = None) -> dict:
     """Run every stage and return ``{"results", "times", "base", "quick", "limit"}``.
@@ -294,8 +316,8 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     times: dict[str, float] = {}
     n_stages = 6 + len(with_stages)
     limit = limit or (20 if quick else 40)
-    if quick:  # the --quick budget (3 minutes with a cached base): one epoch of tuning
-        sft_epochs = min(sft_epochs, 1.0)
+    if quick:  # the --quick budget (3 minutes from cold): a half-epoch base, 3/4 of an epoch of tuning
+        sft_epochs = min(sft_epochs, 0.75)
 
     _stage(1, n_stages, "generating the skills curriculum")
     t = time.perf_counter()
@@ -313,7 +335,11 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
 
     _stage(2, n_stages, "building the tiny base model (pretrained on the plain-text skills corpus)")
     t = time.perf_counter()
-    base = build_base(data_dir, cache / "demo", base_recipe(preset, seed, quick))
+    recipe = base_recipe(preset, seed, quick)
+    full_base = base_dir(data_dir, cache / "demo", base_recipe(preset, seed, False)) / "final"
+    if quick and (full_base / "config.json").exists():  # a full base from an earlier demo beats a quick one
+        recipe = base_recipe(preset, seed, False)
+    base = build_base(data_dir, cache / "demo", recipe)
     times["base model"] = time.perf_counter() - t
 
     _stage(3, n_stages, "evaluating the base model")

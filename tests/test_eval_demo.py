@@ -114,6 +114,51 @@ def test_pretrain_method_lowers_loss(tmp_path, tiny_model_dir, skills_dir):
     AutoModelForCausalLM.from_pretrained(tmp_path / "pt/final")
 
 
+def test_pretrain_separate_documents_loss_equals_each_document_alone(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """data.documents: separate packs whole documents with block-diagonal attention: the packed rows'
+    summed NLL equals the sum over documents scored one at a time, and no token is lost or added."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.data.pipeline import plan_batches
+    from instructkit.data.text import document_examples, separator_id
+    from instructkit.models import nll_sum
+
+    docs = ["the first item of red, blue is red.", "7 plus 8 is 15.", "a b c d e f g h i j k l m n o p q r s t",
+            "hello"]
+    ex = document_examples(tiny_tokenizer, docs, max_length=12)
+    sep = separator_id(tiny_tokenizer)
+    ids = [tiny_tokenizer(d, add_special_tokens=False)["input_ids"] + [sep] for d in docs]
+    assert sum(len(e.input_ids) for e in ex) == sum(map(len, ids))  # long documents are cut, not dropped
+    assert all(e.labels[0] == -100 and e.labels[1:] == e.input_ids[1:] for e in ex)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    plan = plan_batches(ex, packing=True, micro_batch_size=2, max_length=24, pad_id=tiny_tokenizer.pad_token_id,
+                        seed=0, shuffle=False)
+    with torch.no_grad():
+        packed = sum(float(nll_sum(model, b)[0]) for b in plan.source(0))
+        alone = 0.0
+        for e in ex:
+            x = torch.tensor([e.input_ids])
+            alone += float(nll_sum(model, {"input_ids": x, "labels": torch.tensor([e.labels])})[0])
+    assert packed == pytest.approx(alone, rel=1e-4)
+
+
+def test_pretrain_separate_documents_trains(tmp_path, tiny_model_dir, skills_dir):
+    from instructkit.config import load_config
+    from instructkit.methods import pretrain
+
+    cfg = load_config(raw={"method": "pretrain", "output_dir": str(tmp_path / "pt"),
+                           "model": {"name_or_path": str(tiny_model_dir)},
+                           "data": {"train": str(skills_dir / "corpus.txt"), "max_length": 64,
+                                    "eval_fraction": 0.1, "documents": "separate"},
+                           "train": {"max_steps": 12, "micro_batch_size": 4, "lr": 3e-3, "progress": False,
+                                     "optimizer": "muon", "muon_lr": 0.02}})
+    pretrain.main(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "pt/metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert losses[-1] < losses[0] and "eval_loss" in lines[-1]
+
+
 def test_report_renders_tables_and_plots(tmp_path):
     from instructkit.report import write_report
 

@@ -138,14 +138,14 @@ def test_keep_last_and_atomic_names(tiny_model_dir, tmp_path):
     assert lines[-1]["tokens_seen"] == 2 * (2 + 7 + 12 + 17)
 
 
-def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
+def assert_sigterm_resume_matches_uninterrupted(model_dir, tmp_path, cfg: dict) -> None:
+    """A run killed by SIGTERM during step 4 of 6 checkpoints; resumed in a fresh model, it ends with the
+    uninterrupted run's losses, learning rates and weights exactly."""
     import os
     import signal
 
     micro = _batches(n=4) * 3  # 12 micro-batches, 6 steps of 2
-    cfg = dict(grad_accum=2, save_every=100, schedule="cosine", warmup_steps=2, lr=1e-3)
-
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
     train_loop(model=ref, batches=lambda e: micro, micro_per_epoch=12, loss_fn=_step,
                cfg=_cfg(**cfg), out_dir=tmp_path / "ref")
 
@@ -157,13 +157,13 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_model_dir, tm
             os.kill(os.getpid(), signal.SIGTERM)
         return _step(model, batch)
 
-    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
     r = train_loop(model=m, batches=lambda e: micro, micro_per_epoch=12, loss_fn=killing_step,
                    cfg=_cfg(**cfg), out_dir=tmp_path / "run")
     assert r.status == "interrupted" and r.global_step == 4
     assert r.last_checkpoint.name == "step-00000004"
 
-    m2 = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # fresh process state
+    m2 = AutoModelForCausalLM.from_pretrained(model_dir)  # fresh process state
     r2 = train_loop(model=m2, batches=lambda e: micro, micro_per_epoch=12, loss_fn=_step,
                     cfg=_cfg(resume=True, **cfg), out_dir=tmp_path / "run")
     assert r2.status == "completed" and r2.global_step == 6
@@ -174,6 +174,11 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_model_dir, tm
         assert abs(x["loss"] - y["loss"]) <= 1e-6 and x["lr"] == y["lr"]
     for (n, p1), (_, p2) in zip(ref.named_parameters(), m2.named_parameters()):
         assert torch.equal(p1, p2), n
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
+    assert_sigterm_resume_matches_uninterrupted(
+        tiny_model_dir, tmp_path, dict(grad_accum=2, save_every=100, schedule="cosine", warmup_steps=2, lr=1e-3))
 
 
 def test_bf16_autocast_on_cpu_keeps_fp32_master_weights_and_tracks_fp32_loss(tiny_model_dir, tmp_path):

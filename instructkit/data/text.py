@@ -2,7 +2,9 @@
 
 A ``.txt`` file holds one document per line; a ``.jsonl`` file holds objects with a ``text`` field.
 Documents are joined with a separator token and cut into rows of exactly ``max_length`` tokens, the
-standard layout for language-model training (no padding, every token is a target).
+standard layout for language-model training (no padding, every token is a target). For corpora of
+short independent documents (one fact per line), :func:`document_examples` keeps each document
+whole instead, for packed rows with block-diagonal attention (``data.documents: separate``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def token_stream(tokenizer, docs: list[str]) -> list[int]:
         ids.extend(enc)
         ids.append(sep)
     return ids
+
+
+def document_examples(tokenizer, docs: list[str], max_length: int) -> list:
+    """Each document (plus the separator) as one example, cut into pieces of at most ``max_length``
+    tokens; every token is a target except each piece's first (nothing before it to predict it from).
+    Packed with :func:`instructkit.data.pipeline.plan_batches`, a document attends only to itself and
+    its positions start at 0, as in SFT, instead of running on from the previous document."""
+    from instructkit.data.encode import IGNORE_INDEX, EncodedExample
+
+    sep = separator_id(tokenizer)
+    out = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids = enc + [sep]
+        for s in range(0, len(ids), max_length):
+            piece = ids[s:s + max_length]
+            if len(piece) > 1:
+                out.append(EncodedExample(input_ids=piece, labels=[IGNORE_INDEX] + piece[1:]))
+    if not out:
+        raise DataError("<corpus>", None, None, "the corpus has no document of two tokens or more",
+                        "add text to data.train", reason="empty")
+    return out
 
 
 def chunk_rows(stream: list[int], max_length: int) -> torch.Tensor:

@@ -19,7 +19,8 @@ from instructkit.data.encode import encode_messages, encode_prompt
 from instructkit.data.errors import DataError
 from instructkit.data.formats import normalize
 from instructkit.data.readers import read_records
-from instructkit.data.text import chunk_rows, token_stream
+from instructkit.data.pipeline import plan_batches
+from instructkit.data.text import document_examples
 from instructkit.generate import SamplingConfig, generate
 from instructkit.models import mean_nll
 from instructkit.synth.skills import SPLITS, clean, verify_response
@@ -85,9 +86,13 @@ def answer_nll(model, tokenizer, records: list[dict], max_length: int | None = N
 
 
 def corpus_nll(model, tokenizer, lines: list[str], max_length: int = 256) -> float:
-    """Token-mean NLL on plain-text lines (the forgetting probe)."""
-    rows = chunk_rows(token_stream(tokenizer, lines), max_length)
-    return mean_nll(model, [{"input_ids": x, "labels": x} for x in rows.split(16)])
+    """Token-mean NLL on plain-text lines (the forgetting probe), each line scored on its own: packed
+    rows with block-diagonal attention and positions from 0, so a line never sees the previous one."""
+    examples = document_examples(tokenizer, lines, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plan = plan_batches(examples, packing=True, micro_batch_size=16, max_length=max_length, pad_id=pad,
+                        seed=0, shuffle=False)
+    return mean_nll(model, plan.source(0))
 
 
 def evaluate_skills(model, tokenizer, data_dir: str | Path, splits: tuple[str, ...] = SPLITS,

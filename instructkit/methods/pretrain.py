@@ -12,8 +12,8 @@ import sys
 import time
 
 from instructkit.config import RunConfig, dump_config
-from instructkit.data.text import chunk_rows, lm_batches, read_documents, token_stream
-from instructkit.data.pipeline import as_list
+from instructkit.data.text import chunk_rows, document_examples, lm_batches, read_documents, token_stream
+from instructkit.data.pipeline import as_list, plan_batches
 from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, nll_step, start_run, train_loop
 from instructkit.models import count_trainable, load_model, load_tokenizer, mean_nll, save_final
@@ -34,14 +34,20 @@ def main(cfg: RunConfig) -> LoopResult:
         held = set(idx[: max(1, int(len(docs) * cfg.data.eval_fraction))])
         eval_docs = [d for i, d in enumerate(docs) if i in held]
         docs = [d for i, d in enumerate(docs) if i not in held]
-    rows = chunk_rows(token_stream(tokenizer, docs), cfg.data.max_length)
-    source, n_micro = lm_batches(rows, cfg.train.micro_batch_size, cfg.seed, cfg.data.shuffle)
-    eval_batches = []
-    if eval_docs:
-        erows = chunk_rows(token_stream(tokenizer, eval_docs), cfg.data.max_length)
-        eval_batches = lm_batches(erows, cfg.train.micro_batch_size, cfg.seed, False)[0](0)
-    print(f"data: {len(docs)} documents, {rows.numel():,} tokens in {rows.shape[0]} rows of "
-          f"{cfg.data.max_length}; {len(eval_docs)} held-out documents", file=sys.stderr)
+    def batches(texts: list[str], shuffle: bool):  # -> (per-epoch source, micro-batches, tokens, rows)
+        if cfg.data.documents == "separate":
+            examples = document_examples(tokenizer, texts, cfg.data.max_length)
+            plan = plan_batches(examples, packing=True, micro_batch_size=cfg.train.micro_batch_size,
+                                max_length=cfg.data.max_length, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
+                                shuffle=shuffle)
+            return plan.source, plan.micro_per_epoch, sum(len(e.input_ids) for e in examples), plan.n_rows
+        rows = chunk_rows(token_stream(tokenizer, texts), cfg.data.max_length)
+        return (*lm_batches(rows, cfg.train.micro_batch_size, cfg.seed, shuffle), rows.numel(), rows.shape[0])
+
+    source, n_micro, n_tokens, n_rows = batches(docs, cfg.data.shuffle)
+    eval_batches = batches(eval_docs, False)[0](0) if eval_docs else []
+    print(f"data: {len(docs)} documents, {n_tokens:,} tokens in {n_rows} rows of {cfg.data.max_length} "
+          f"({cfg.data.documents}); {len(eval_docs)} held-out documents", file=sys.stderr)
 
     model = load_model(cfg.model, cfg.lora, device)
     trainable, total = count_trainable(model)
@@ -61,7 +67,7 @@ def main(cfg: RunConfig) -> LoopResult:
 
     # --- save
     info = {"method": "pretrain", "base_model": cfg.model.name_or_path, "steps": result.global_step,
-            "tokens": int(rows.numel()), "seconds": round(elapsed, 2), "final_metrics": result.final_metrics}
+            "tokens": int(n_tokens), "seconds": round(elapsed, 2), "final_metrics": result.final_metrics}
     save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
     if not is_main_process():  # under torchrun, rank 0 reports and writes the summary
         return result
