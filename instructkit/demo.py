@@ -40,10 +40,20 @@ def base_recipe(preset: str, seed: int, quick: bool) -> dict:
             "optimizer": "muon", "muon_lr": 0.02, "documents": "separate", "bf16": fast_bf16()}
 
 
-def pretrain_train_section(recipe: dict) -> dict:
-    return {"epochs": recipe["pretrain_epochs"], "micro_batch_size": recipe["micro_batch_size"], "lr": recipe["lr"],
-            "optimizer": recipe["optimizer"], "muon_lr": recipe["muon_lr"], "bf16": recipe["bf16"],
-            "warmup_ratio": 0.05, "schedule": "cosine", "min_lr_ratio": 0.1, "save_every": 200, "eval_every": 200}
+def pretrain_base(recipe: dict, data_dir: Path, work: Path, init: Path) -> None:
+    """Pretrain the model at ``init`` on the plain-text corpus into ``work`` with the recipe's settings."""
+    from instructkit.config import load_config
+    from instructkit.methods import pretrain
+
+    pretrain.main(load_config(raw={
+        "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work), "model": {"name_or_path": str(init)},
+        "data": {"train": str(data_dir / "corpus_pretrain.txt"), "eval": str(data_dir / "corpus_heldout.txt"),
+                 "max_length": recipe["max_length"], "documents": recipe["documents"]},
+        "train": {"epochs": recipe["pretrain_epochs"], "micro_batch_size": recipe["micro_batch_size"],
+                  "lr": recipe["lr"], "optimizer": recipe["optimizer"], "muon_lr": recipe["muon_lr"],
+                  "bf16": recipe["bf16"], "warmup_ratio": 0.05, "schedule": "cosine", "min_lr_ratio": 0.1,
+                  "save_every": 200, "eval_every": 200},
+    }))
 
 
 def base_dir(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
@@ -56,8 +66,6 @@ def base_dir(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
 
 def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
     """Tokenizer trained on the suite's text, then causal-LM pretraining on the plain corpus."""
-    from instructkit.config import load_config
-    from instructkit.methods import pretrain
     from instructkit.tiny_model import build_tiny_model
 
     work = base_dir(data_dir, cache_dir, recipe)
@@ -72,14 +80,7 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
     texts = corpus + [m["content"] for conv in prompts for m in conv]
     init = build_tiny_model(work / "init", preset=recipe["preset"], seed=recipe["seed"], corpus=texts,
                             isolate_spaces=True)
-    cfg = load_config(raw={
-        "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work),
-        "model": {"name_or_path": str(init)},
-        "data": {"train": str(data_dir / "corpus_pretrain.txt"), "eval": str(data_dir / "corpus_heldout.txt"),
-                 "max_length": recipe["max_length"], "documents": recipe["documents"]},
-        "train": pretrain_train_section(recipe),
-    })
-    pretrain.main(cfg)
+    pretrain_base(recipe, data_dir, work, init)
     (work / "recipe.json").write_text(json.dumps(recipe, indent=2))
     return final
 
@@ -189,8 +190,6 @@ def student_base(teacher_base: Path, data_dir: Path, cache_dir: Path, recipe: di
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from instructkit.config import load_config
-    from instructkit.methods import pretrain
     from instructkit.tiny_model import PRESETS
 
     key = hashlib.sha256((json.dumps(recipe, sort_keys=True) + str(Path(teacher_base).resolve())
@@ -209,12 +208,7 @@ def student_base(teacher_base: Path, data_dir: Path, cache_dir: Path, recipe: di
     torch.manual_seed(recipe["seed"])
     LlamaForCausalLM(config).save_pretrained(work / "init")
     tok.save_pretrained(work / "init")
-    pretrain.main(load_config(raw={
-        "method": "pretrain", "seed": recipe["seed"], "output_dir": str(work), "model": {"name_or_path": str(work / "init")},
-        "data": {"train": str(data_dir / "corpus_pretrain.txt"), "eval": str(data_dir / "corpus_heldout.txt"),
-                 "max_length": recipe["max_length"], "documents": recipe["documents"]},
-        "train": pretrain_train_section(recipe),
-    }))
+    pretrain_base(recipe, data_dir, work, work / "init")
     return work / "final"
 
 
@@ -335,10 +329,9 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
 
     _stage(2, n_stages, "building the tiny base model (pretrained on the plain-text skills corpus)")
     t = time.perf_counter()
-    recipe = base_recipe(preset, seed, quick)
-    full_base = base_dir(data_dir, cache / "demo", base_recipe(preset, seed, False)) / "final"
-    if quick and (full_base / "config.json").exists():  # a full base from an earlier demo beats a quick one
-        recipe = base_recipe(preset, seed, False)
+    recipe = base_recipe(preset, seed, False)
+    if quick and not (base_dir(data_dir, cache / "demo", recipe) / "final/config.json").exists():
+        recipe = base_recipe(preset, seed, True)  # a full base from an earlier demo beats a quick one
     base = build_base(data_dir, cache / "demo", recipe)
     times["base model"] = time.perf_counter() - t
 

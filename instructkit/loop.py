@@ -550,7 +550,7 @@ def train_loop(
                     # With no limit the clip factor is exactly 1: this only measures the norm.
                     gnorm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
                         trainable, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf)))
-                    lr, muon_lr = scheduler.get_last_lr()[0], scheduler.get_last_lr()[-1]
+                    lrs = scheduler.get_last_lr()  # AdamW's groups first, Muon's last (optim.MuonAdamW)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -560,11 +560,11 @@ def train_loop(
                     state["tokens_seen"] += n_global
                     now = time.perf_counter()
                     record = {"step": step_no, "epoch": round(epoch + (gi + 1) / len(groups), 4),
-                              "loss": loss, "lr": lr, "grad_norm": gnorm,
+                              "loss": loss, "lr": lrs[0], "grad_norm": gnorm,
                               f"{unit}_per_s": n_global / max(1e-9, now - step_t0),
                               "tokens_seen": state["tokens_seen"]}
-                    if isinstance(optimizer, MuonAdamW):  # its Muon groups come last
-                        record["muon_lr"] = muon_lr
+                    if isinstance(optimizer, MuonAdamW):
+                        record["muon_lr"] = lrs[-1]
                     for k, v in zip(keys, totals[2:]):
                         record[k] = v / max(1, n_global)
                     if eval_fn is not None and cfg.eval_every and step_no % cfg.eval_every == 0:
@@ -572,7 +572,7 @@ def train_loop(
                     if step_no % cfg.log_every == 0 or step_no == total_steps:
                         logger.log(record)
                     last_metrics = record
-                    progress.update(step_no, f"loss {loss:.4f} lr {lr:.2e}")
+                    progress.update(step_no, f"loss {loss:.4f} lr {lrs[0]:.2e}")
                     if cfg.save_every and step_no % cfg.save_every == 0:
                         last_ckpt = checkpoint()
                     if stop_now:

@@ -73,11 +73,11 @@ class MuonAdamW(torch.optim.Optimizer):
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW (``cfg.optimizer: adamw``) or Muon + AdamW (``muon``) over the trainable parameters; no
     weight decay on biases and norm weights (1-D tensors). ``cfg`` is a :class:`~instructkit.config.TrainConfig`."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     muon_ids = muon_matrices(model) if cfg.optimizer == "muon" else set()
-    matrices = [p for _, p in trainable if id(p) in muon_ids]
-    decay = [p for _, p in trainable if p.ndim >= 2 and id(p) not in muon_ids]
-    no_decay = [p for _, p in trainable if p.ndim < 2]
+    matrices = [p for p in trainable if id(p) in muon_ids]
+    decay = [p for p in trainable if p.ndim >= 2 and id(p) not in muon_ids]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     # fused=True updates each tensor in one kernel pass with no full-size temporaries: on a 108M

@@ -121,7 +121,7 @@ def test_pretrain_separate_documents_loss_equals_each_document_alone(tmp_path, t
     from transformers import AutoModelForCausalLM
 
     from instructkit.data.pipeline import plan_batches
-    from instructkit.data.text import document_examples, separator_id
+    from instructkit.data.text import document_batches, document_examples, separator_id
     from instructkit.models import nll_sum
 
     docs = ["the first item of red, blue is red.", "7 plus 8 is 15.", "a b c d e f g h i j k l m n o p q r s t",
@@ -130,6 +130,7 @@ def test_pretrain_separate_documents_loss_equals_each_document_alone(tmp_path, t
     sep = separator_id(tiny_tokenizer)
     ids = [tiny_tokenizer(d, add_special_tokens=False)["input_ids"] + [sep] for d in docs]
     assert sum(len(e.input_ids) for e in ex) == sum(map(len, ids))  # long documents are cut, not dropped
+    assert document_batches(tiny_tokenizer, docs, 12, 2, 0, False)[1] == sum(map(len, ids))
     assert all(e.labels[0] == -100 and e.labels[1:] == e.input_ids[1:] for e in ex)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     plan = plan_batches(ex, packing=True, micro_batch_size=2, max_length=24, pad_id=tiny_tokenizer.pad_token_id,

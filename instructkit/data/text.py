@@ -85,6 +85,19 @@ def document_examples(tokenizer, docs: list[str], max_length: int) -> list:
     return out
 
 
+def document_batches(tokenizer, docs: list[str], max_length: int, micro_batch_size: int, seed: int,
+                     shuffle: bool):
+    """:func:`document_examples` packed into rows of ``max_length`` (block-diagonal attention, positions
+    from 0): ``(BatchPlan, token count)``. Padding uses the pad token, else eos."""
+    from instructkit.data.pipeline import plan_batches
+
+    examples = document_examples(tokenizer, docs, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plan = plan_batches(examples, packing=True, micro_batch_size=micro_batch_size, max_length=max_length,
+                        pad_id=pad, seed=seed, shuffle=shuffle)
+    return plan, sum(len(e.input_ids) for e in examples)
+
+
 def chunk_rows(stream: list[int], max_length: int) -> torch.Tensor:
     """(n_rows, max_length) rows; the incomplete tail is dropped (at most max_length-1 tokens)."""
     n = len(stream) // max_length

@@ -19,8 +19,7 @@ from instructkit.data.encode import encode_messages, encode_prompt
 from instructkit.data.errors import DataError
 from instructkit.data.formats import normalize
 from instructkit.data.readers import read_records
-from instructkit.data.pipeline import plan_batches
-from instructkit.data.text import document_examples
+from instructkit.data.text import document_batches
 from instructkit.generate import SamplingConfig, generate
 from instructkit.models import mean_nll
 from instructkit.synth.skills import SPLITS, clean, verify_response
@@ -88,10 +87,7 @@ def answer_nll(model, tokenizer, records: list[dict], max_length: int | None = N
 def corpus_nll(model, tokenizer, lines: list[str], max_length: int = 256) -> float:
     """Token-mean NLL on plain-text lines (the forgetting probe), each line scored on its own: packed
     rows with block-diagonal attention and positions from 0, so a line never sees the previous one."""
-    examples = document_examples(tokenizer, lines, max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plan = plan_batches(examples, packing=True, micro_batch_size=16, max_length=max_length, pad_id=pad,
-                        seed=0, shuffle=False)
+    plan, _ = document_batches(tokenizer, lines, max_length, micro_batch_size=16, seed=0, shuffle=False)
     return mean_nll(model, plan.source(0))
 
 

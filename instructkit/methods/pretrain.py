@@ -12,8 +12,8 @@ import sys
 import time
 
 from instructkit.config import RunConfig, dump_config
-from instructkit.data.text import chunk_rows, document_examples, lm_batches, read_documents, token_stream
-from instructkit.data.pipeline import as_list, plan_batches
+from instructkit.data.text import chunk_rows, document_batches, lm_batches, read_documents, token_stream
+from instructkit.data.pipeline import as_list
 from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, nll_step, start_run, train_loop
 from instructkit.models import count_trainable, load_model, load_tokenizer, mean_nll, save_final
@@ -36,11 +36,9 @@ def main(cfg: RunConfig) -> LoopResult:
         docs = [d for i, d in enumerate(docs) if i not in held]
     def batches(texts: list[str], shuffle: bool):  # -> (per-epoch source, micro-batches, tokens, rows)
         if cfg.data.documents == "separate":
-            examples = document_examples(tokenizer, texts, cfg.data.max_length)
-            plan = plan_batches(examples, packing=True, micro_batch_size=cfg.train.micro_batch_size,
-                                max_length=cfg.data.max_length, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
-                                shuffle=shuffle)
-            return plan.source, plan.micro_per_epoch, sum(len(e.input_ids) for e in examples), plan.n_rows
+            plan, n_tokens = document_batches(tokenizer, texts, cfg.data.max_length, cfg.train.micro_batch_size,
+                                              cfg.seed, shuffle)
+            return plan.source, plan.micro_per_epoch, n_tokens, plan.n_rows
         rows = chunk_rows(token_stream(tokenizer, texts), cfg.data.max_length)
         return (*lm_batches(rows, cfg.train.micro_batch_size, cfg.seed, shuffle), rows.numel(), rows.shape[0])
 
