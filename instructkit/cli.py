@@ -271,15 +271,17 @@ def cmd_demo(args) -> int:
             [f"instructkit train {out / m / 'config.yaml'}" for m in ("student-sft", "student-kd", "student-seqkd")]
     md, html_path = write_report(out, summary, commands)
     res = summary["results"]
-    print(f"\n{'split':18s}" + "".join(f"{m:>11s}" for m in res))
+    w = {m: max(11, len(m) + 2) for m in res}  # column widths: student-seqkd is longer than 11
+    print(f"\n{'split':18s}" + "".join(f"{m:>{w[m]}s}" for m in res))
     for split in next(iter(res.values()))["splits"]:
-        print(f"{split:18s}" + "".join(f"{res[m]['splits'][split]['accuracy']:11.1%}" for m in res))
-    print(f"{'stops on its own':18s}" + "".join(f"{res[m]['splits']['validation']['stop_rate']:11.1%}" for m in res))
+        print(f"{split:18s}" + "".join(f"{res[m]['splits'][split]['accuracy']:{w[m]}.1%}" for m in res))
+    print(f"{'stops on its own':18s}" + "".join(f"{res[m]['splits']['validation']['stop_rate']:{w[m]}.1%}" for m in res))
     if summary.get("distill"):  # instructkit demo --with distill: how close each student got to the teacher
-        print(f"\n{'student (nano)':18s}{'KL(T||S)':>11s}{'KL(S||T)':>11s}{'val NLL':>11s}")
+        print(f"\n{'student (nano)':18s}{'KL(T||S)':>11s}{'KL(S||T)':>11s}{'agree':>8s}{'val NLL':>10s}")
         for name, m in summary["distill"].items():
             if "kl_teacher_student" in m:
-                print(f"{name:18s}{m['kl_teacher_student']:11.4f}{m['kl_student_teacher']:11.4f}{m['validation_nll']:11.4f}")
+                print(f"{name:18s}{m['kl_teacher_student']:11.4f}{m['kl_student_teacher']:11.4f}"
+                      f"{m['greedy_agreement']:8.1%}{m['validation_nll']:10.4f}")
     for name, m in (summary.get("rl") or {}).items():  # --with grpo,ppo: numbers only, no claim
         print(f"{name}: rollout reward {m.get('reward_first_third', float('nan')):.3f} -> "
               f"{m.get('reward_last_third', float('nan')):.3f} (first -> last third), KL to ref "

@@ -202,6 +202,11 @@ class RLConfig(_Section):
     group_size: int = Field(4, ge=2, description="G: completions sampled per prompt (the group of GRPO).")
     prompts_per_rollout: int = Field(8, gt=0, description="Prompts per rollout; a rollout holds "
                                      "prompts_per_rollout x group_size completions.")
+    sampling_rounds: int = Field(1, ge=1, description="grpo: up to this many sampling rounds per rollout. "
+                                 "With more than 1, groups whose completions all scored the same (zero advantage, "
+                                 "no learning signal) are set aside and fresh prompts are sampled until "
+                                 "prompts_per_rollout groups have reward variance (DAPO's dynamic sampling); set-"
+                                 "aside groups fill what the last round leaves short. 1 = plain GRPO.")
     rollout_epochs: int = Field(1, gt=0, description="Passes over each rollout (PPO/GRPO mu).")
     max_new_tokens: int = Field(64, gt=0, description="Completion length limit.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
@@ -276,6 +281,9 @@ class RunConfig(_Section):
         if self.method in ("grpo", "ppo") and self.rl.max_new_tokens >= self.data.max_length:
             raise ValueError(f"rl.max_new_tokens ({self.rl.max_new_tokens}) must be below data.max_length "
                              f"({self.data.max_length}), which bounds prompt + completion")
+        if self.method == "ppo" and self.rl.sampling_rounds > 1:
+            raise ValueError("rl.sampling_rounds filters GRPO groups by reward variance; PPO has no groups "
+                             "(use method: grpo, or sampling_rounds: 1)")
         if self.distill.teacher_logits == "cache" and self.distill.top_k is None:
             raise ValueError("distill.teacher_logits: cache stores top-k log-probs; set distill.top_k (e.g. 32)")
         if self.train.optimizer == "muon" and self.lora.enabled:

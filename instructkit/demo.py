@@ -218,12 +218,9 @@ def distill_demo(teacher: Path, teacher_base: Path, data_dir: Path, out: Path, c
     plain SFT, token-level KD (forward KL, alpha 0.5, cached top-64 teacher log-probs) and sequence-level
     KD (SFT on the teacher's greedy replies). Returns (skills results, agreement with the teacher)."""
     from instructkit.config import load_config
-    from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
     from instructkit.methods import distill, sft
-    from instructkit.models import load_for_inference
     from instructkit.synth.distill_data import distill_data
     from instructkit.synth.generators import LocalGenerator, Sampling
-    from instructkit.teacher import kl_to_teacher
 
     # seed + 1: its own initial weights, even when the teacher is a nano model too (miniature runs)
     recipe = {**base_recipe("nano", seed + 1, quick), "pretrain_epochs": student_pretrain_epochs}
@@ -252,19 +249,59 @@ def distill_demo(teacher: Path, teacher_base: Path, data_dir: Path, out: Path, c
               file=sys.stderr)
         names = names[:2]
     results = {n: evaluate_model(out / n / "final", data_dir, out / f"eval-{n}", limit, probe) for n in names}
-    teacher_model, tok = load_for_inference(teacher)
-    cfg = load_config(raw=raw("x", data_dir / "validation.jsonl"))
-    template, _ = prepare_template(tok, cfg.data)
-    val = load_sft_data(cfg.data, tok, template, seed).train
-    batches = plan_batches(val, packing=True, micro_batch_size=16, max_length=256, pad_id=tok.pad_token_id,
-                           seed=seed, shuffle=False).source(0)
-    agreement = {}
+    agreement = closeness_to_teacher(teacher, {n: out / n / "final" for n in names}, data_dir, out / "closeness", seed)
     for n in names:
-        model, _ = load_for_inference(out / n / "final")
-        agreement[n] = kl_to_teacher(model, teacher_model, batches)
         agreement[n]["validation_nll"] = results[n]["splits"]["validation"]["heldout_loss"]
     agreement["seq_kd_data"] = {k: seq_summary[k] for k in ("records_total", "rejected", "request_failed")}
     return results, agreement
+
+
+def closeness_to_teacher(teacher: Path, students: dict[str, Path], data_dir: Path, out: Path, seed: int,
+                         limit: int | None = None) -> dict[str, dict]:
+    """How close each student is to its teacher on the validation prompts, three ways:
+
+    - ``kl_teacher_student`` / ``kl_student_teacher``: KL per token on the *reference* replies (what SFT trains on);
+    - ``kl_on_teacher_replies``: forward KL per token on the teacher's own greedy replies (where the teacher's
+      probability mass is, what sequence-level KD trains on);
+    - ``greedy_agreement``: the share of prompts where the student's greedy reply equals the teacher's.
+    """
+    from instructkit.config import load_config
+    from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
+    from instructkit.models import load_for_inference
+    from instructkit.synth.best_of_n import read_prompts
+    from instructkit.synth.generators import LocalGenerator, Sampling
+    from instructkit.teacher import kl_to_teacher
+
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(data_dir / "validation.jsonl", limit)
+    requests = [r["_prompt"] for r in prompts]
+    greedy = Sampling(max_tokens=48, temperature=0.0)
+
+    def replies(model_dir: Path) -> list[str]:
+        return [g.text.strip() for g in LocalGenerator(model_dir, batch_size=64).generate(requests, greedy)]
+
+    teacher_replies = replies(teacher)
+    teacher_file = out / "teacher_replies.jsonl"
+    teacher_file.write_text("".join(json.dumps({"messages": m + [{"role": "assistant", "content": t}]}) + "\n"
+                                    for m, t in zip(requests, teacher_replies)), encoding="utf-8")
+    teacher_model, tok = load_for_inference(teacher)
+
+    def batches(path: Path):
+        cfg = load_config(raw={"output_dir": str(out), "model": {"name_or_path": str(teacher)},
+                               "data": {"train": str(path), "max_length": 256}})
+        template, _ = prepare_template(tok, cfg.data)
+        data = load_sft_data(cfg.data, tok, template, seed).train
+        return plan_batches(data, packing=True, micro_batch_size=16, max_length=256, pad_id=tok.pad_token_id,
+                            seed=seed, shuffle=False).source(0)
+
+    reference, own = batches(data_dir / "validation.jsonl"), batches(teacher_file)
+    result = {}
+    for name, path in students.items():
+        model, _ = load_for_inference(path)
+        result[name] = kl_to_teacher(model, teacher_model, reference)
+        result[name]["kl_on_teacher_replies"] = kl_to_teacher(model, teacher_model, own)["kl_teacher_student"]
+        result[name]["greedy_agreement"] = sum(a == b for a, b in zip(replies(path), teacher_replies)) / len(requests)
+    return result
 
 
 OPTIONAL_STAGES = PREFERENCE_STAGES + DISTILL_STAGES + RL_STAGES

@@ -146,6 +146,21 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
                       f"{m['validation_accuracy_start']:.1%} -> {m['validation_accuracy_end']:.1%} | "
                       f"{m['validation_exact_match_start']:.1%} -> {m['validation_exact_match_end']:.1%} |")
         md.append("")
+    students = {k: v for k, v in (summary.get("distill") or {}).items() if "kl_teacher_student" in v}
+    if students:
+        md += ["## Distillation (nano student, teacher = the full SFT model)", "",
+               "Three students tuned on the same prompts. Closeness to the teacher on the validation prompts: "
+               "KL per token on the reference replies (forward = KL(teacher || student), reverse = KL(student || "
+               "teacher)), forward KL per token on the teacher's own greedy replies, and the share of prompts where "
+               "the student's greedy reply equals the teacher's. Token-level KD matches the teacher's distribution; "
+               "sequence-level KD matches its greedy outputs.", "",
+               "| student | KL fwd (reference replies) | KL rev (reference replies) | KL fwd (teacher's replies) "
+               "| greedy agreement | validation NLL |", "|---|---:|---:|---:|---:|---:|"]
+        for name, m in students.items():
+            md.append(f"| {name} | {m['kl_teacher_student']:.4f} | {m['kl_student_teacher']:.4f} | "
+                      f"{m.get('kl_on_teacher_replies', float('nan')):.4f} | "
+                      f"{m.get('greedy_agreement', float('nan')):.1%} | {m['validation_nll']:.4f} |")
+        md.append("")
     md += ["## Accuracy per family", ""]
     fam_split = ["validation", "heldout_phrasing", "heldout_family"]
     md.append("| split | family | " + " | ".join(models) + " |")

@@ -271,6 +271,28 @@ def test_distill_data_cli_with_a_local_teacher_then_sft(kd_setup, tmp_path):
     assert sft.main(cfg).status == "completed"
 
 
+def test_closeness_to_teacher_is_zero_for_the_teacher_itself(kd_setup, tmp_path):
+    """The demo's closeness measures: a student identical to the teacher has zero KL on both reply sets and
+    agrees on every greedy reply; another model has positive KL and agrees less."""
+    import shutil
+
+    from instructkit.demo import closeness_to_teacher
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(kd_setup["data"] / "eval.jsonl", data / "validation.jsonl")
+    res = closeness_to_teacher(kd_setup["teacher"], {"same": kd_setup["teacher"], "other": kd_setup["student"]},
+                               data, tmp_path / "out", seed=0, limit=6)
+    same, other = res["same"], res["other"]
+    assert same["kl_teacher_student"] == pytest.approx(0, abs=1e-5)
+    assert same["kl_on_teacher_replies"] == pytest.approx(0, abs=1e-5)
+    assert same["greedy_agreement"] == 1.0
+    assert other["kl_teacher_student"] > 0.01 and other["kl_on_teacher_replies"] > 0.01
+    assert 0 <= other["greedy_agreement"] < 1.0
+    replies = [json.loads(x) for x in (tmp_path / "out" / "teacher_replies.jsonl").read_text().splitlines()]
+    assert len(replies) == 6 and all(r["messages"][-1]["role"] == "assistant" for r in replies)
+
+
 @pytest.mark.slow
 def test_demo_distill_stage_at_miniature_scale(kd_setup, tmp_path):
     """The `demo --with distill` stage: a nano student pretrained with the teacher's tokenizer, then SFT,
@@ -295,6 +317,7 @@ def test_demo_distill_stage_at_miniature_scale(kd_setup, tmp_path):
     for name in names:
         m = agree[name]
         assert m["kl_teacher_student"] > 0 and m["kl_student_teacher"] > 0 and m["tokens"] > 0
+        assert m["kl_on_teacher_replies"] > 0 and 0 <= m["greedy_agreement"] <= 1
         assert (tmp_path / "out" / name / "final" / "config.json").exists()
     kd_cfg = (tmp_path / "out" / "student-kd" / "config.yaml").read_text()
     assert "method: distill" in kd_cfg and "teacher_logits: cache" in kd_cfg

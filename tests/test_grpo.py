@@ -93,3 +93,45 @@ def test_grpo_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, skills):
     for key in ("loss", "reward_mean", "kl_ref", "grad_norm"):
         assert [x[key] for x in resumed] == [x[key] for x in straight], key
     assert straight[2]["kl_ref"] > 0  # the policy moved, so the comparison is not trivially equal
+
+
+def test_dynamic_sampling_keeps_groups_with_reward_variance(monkeypatch, tmp_path, tiny_model_dir, skills):
+    """rl.sampling_rounds > 1 (DAPO dynamic sampling): groups whose rewards are all equal are set aside, fresh
+    prompts are sampled until the rollout is full of groups with variance, and set-aside groups fill any rest.
+    A stub sampler and reward make it exact: only even-numbered prompts get reward variance."""
+    from instructkit import rollout as ro
+    from instructkit.config import load_config
+    from instructkit.generate import Generation
+    from instructkit.methods.grpo import Rollouts
+
+    P = ro.Prompts(records=[{"n": i} for i in range(40)], messages=[[] for _ in range(40)],
+                   ids=[[i] for i in range(40)])
+
+    def fake_sample(model, tokenizer, prompt_ids, cfg, rollout, batch_size):
+        return [Generation([7], f"{p[0]}:{k % 4}", [0.0], "stop") for k, p in enumerate(prompt_ids)]
+
+    def reward(records, messages, texts):  # variance inside a group only for even prompts
+        return [float(t.endswith(":0")) if int(t.split(":")[0]) % 2 == 0 else 0.0 for t in texts]
+
+    monkeypatch.setattr(ro, "sample", fake_sample)
+    cfg = load_config(_config(tmp_path, tiny_model_dir, skills), ["rl.prompts_per_rollout=4", "rl.sampling_rounds=3"])
+    groups, sampled, gens, rounds = Rollouts(cfg, None, None, P, reward, None, None)._sample_groups(epoch=1)
+    prompt_of = [g[0][0][0] for g in groups]
+    stream = [i for r in range(3) for i in ro.prompt_indices(40, 4, 1 * 3 + r, 0)]
+    assert rounds == next(r + 1 for r in range(3) if sum(i % 2 == 0 for i in stream[:4 * (r + 1)]) >= 4)
+    assert prompt_of == [i for i in stream[:4 * rounds] if i % 2 == 0][:4]
+    assert len(sampled) == len(gens) == 4 * 4 * rounds
+    assert all(float(g[2].abs().sum()) > 0 for g in groups)  # every kept group carries a learning signal
+
+    # Rounds run out: odd prompts only have no variance, so set-aside groups fill the rollout in sampled order.
+    odd = ro.Prompts(records=P.records, messages=P.messages, ids=[[2 * i + 1] for i in range(40)])
+    groups, sampled, gens, rounds = Rollouts(cfg, None, None, odd, reward, None, None)._sample_groups(epoch=1)
+    assert rounds == 3 and len(groups) == 4 and all(float(g[2].abs().sum()) == 0 for g in groups)
+    assert [g[0][0][0] for g in groups] == [2 * i + 1 for i in stream[:4]]
+
+    # sampling_rounds = 1 is plain GRPO: the rollout's own prompts, in order, whatever their rewards.
+    plain = load_config(_config(tmp_path, tiny_model_dir, skills), ["rl.prompts_per_rollout=4"])
+    groups, _, _, rounds = Rollouts(plain, None, None, P, reward, None, None)._sample_groups(epoch=1)
+    assert rounds == 1 and [g[0][0][0] for g in groups] == ro.prompt_indices(40, 4, 1, 0)
+    with pytest.raises(Exception, match="sampling_rounds"):
+        load_config(_config(tmp_path, tiny_model_dir, skills), ["method=ppo", "rl.sampling_rounds=2"])

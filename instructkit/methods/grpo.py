@@ -6,7 +6,10 @@ setup:    seed, tokenizer and template, prompts (JSONL records of ``data.train``
 rollout:  one loop "epoch" = one rollout. The batch source samples ``group_size`` completions for
           each of ``prompts_per_rollout`` prompts with the *current* policy, scores them, turns the
           rewards into group-normalised advantages (losses.group_advantages) and precomputes the
-          old-policy and reference log-probs of every completion token, without gradients
+          old-policy and reference log-probs of every completion token, without gradients. With
+          ``rl.sampling_rounds`` > 1 (DAPO dynamic sampling, Yu et al. 2025), groups whose rewards are
+          all equal are set aside and more prompts are sampled until the rollout is full of groups
+          that carry a learning signal
 train:    the shared loop; per micro-batch the clipped token-level ratio loss
           ``-min(rho A, clip(rho) A) + kl_coef * KL_k3(pi || ref)``, aggregated as ``rl.loss_aggregation``
 save:     final/ as for SFT
@@ -60,16 +63,39 @@ class Rollouts(ro.CarriedState):
             self._cache = (epoch, self._build(epoch))
         return self._cache[1]
 
+    def _sample_groups(self, epoch: int) -> tuple[list[tuple], torch.Tensor, list, int]:
+        """Groups ``(prompt ids, completions, advantages, rewards)`` of this rollout, every sampled reward and
+        completion (for telemetry) and the rounds used. With ``rl.sampling_rounds`` R > 1, round r of rollout e
+        takes the prompts of slot e * R + r of the shuffled stream; groups with reward variance come first."""
+        rl, G, P, R = self.rl, self.rl.group_size, self.prompts, self.rl.sampling_rounds
+        kept, spare, all_rewards, all_gens = [], [], [], []
+        for r in range(R):
+            slot = epoch * R + r  # R = 1: slot = epoch, plain GRPO
+            idx = [i for i in ro.prompt_indices(len(P), rl.prompts_per_rollout, slot, self.cfg.seed) for _ in range(G)]
+            ids = [P.ids[i] for i in idx]
+            gens = ro.sample(self.model, self.tokenizer, ids, self.cfg, slot, batch_size=max(self.mbs, 16))
+            rewards = torch.tensor(self.reward_fn([P.records[i] for i in idx], [P.messages[i] for i in idx],
+                                                  [g.text for g in gens]), dtype=torch.float32)
+            adv = group_advantages(rewards, G, scale=rl.scale_rewards)
+            all_rewards.append(rewards)
+            all_gens += gens
+            for s in range(0, len(idx), G):
+                group = (ids[s:s + G], gens[s:s + G], adv[s:s + G], rewards[s:s + G])
+                informative = R == 1 or bool(rewards[s:s + G].max() > rewards[s:s + G].min())
+                (kept if informative else spare).append(group)
+            if len(kept) >= rl.prompts_per_rollout:
+                break
+        return (kept + spare)[:rl.prompts_per_rollout], torch.cat(all_rewards), all_gens, r + 1
+
     def _build(self, epoch: int) -> list[dict]:
-        rl, G, P = self.rl, self.rl.group_size, self.prompts
+        rl, G = self.rl, self.rl.group_size
         self._begin_rollout(epoch)
         t0 = time.perf_counter()
-        idx = [i for i in ro.prompt_indices(len(P), rl.prompts_per_rollout, epoch, self.cfg.seed) for _ in range(G)]
-        ids = [P.ids[i] for i in idx]
-        gens = ro.sample(self.model, self.tokenizer, ids, self.cfg, epoch, batch_size=max(self.mbs, 16))
-        rewards = torch.tensor(self.reward_fn([P.records[i] for i in idx], [P.messages[i] for i in idx],
-                                              [g.text for g in gens]), dtype=torch.float32)
-        adv = group_advantages(rewards, G, scale=rl.scale_rewards)
+        groups, sampled_rewards, sampled_gens, rounds = self._sample_groups(epoch)
+        ids = [x for g in groups for x in g[0]]
+        gens = [x for g in groups for x in g[1]]
+        adv = torch.cat([g[2] for g in groups])
+        rewards = torch.cat([g[3] for g in groups])
         micro = ro.micro_batches(ids, gens, self.mbs, self.tokenizer.pad_token_id)
         kl_sum, n_tok = 0.0, 0
         was_training = self.model.training
@@ -85,8 +111,14 @@ class Rollouts(ro.CarriedState):
             n_tok += int(b["completion_mask"].sum())
         self.model.train(was_training)
 
-        metrics = ro.completion_stats(rewards, gens)
+        # reward, length and stop telemetry over everything sampled (an unbiased view of the policy);
+        # zero_std_groups over the groups trained on
+        metrics = ro.completion_stats(sampled_rewards, sampled_gens)
         metrics["zero_std_groups"] = float((rewards.view(-1, G).std(dim=1, unbiased=False) == 0).float().mean())
+        if rl.sampling_rounds > 1:
+            metrics["sampling_rounds"] = float(rounds)
+            metrics["zero_std_groups_sampled"] = float(
+                (sampled_rewards.view(-1, G).std(dim=1, unbiased=False) == 0).float().mean())
         if self.reference is not None:
             metrics["kl_ref"] = kl_sum / max(1, n_tok)
         metrics["rollout_s"] = time.perf_counter() - t0
