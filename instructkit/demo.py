@@ -117,7 +117,7 @@ def preference_run(method: str, start: Path, data_dir: Path, out: Path, seed: in
         "model": {"name_or_path": str(start)},
         "data": {"train": str(data_dir / "preference.jsonl"), "eval": str(data_dir / "preference_validation.jsonl"),
                  "max_length": 256},
-        "train": {"epochs": epochs, "micro_batch_size": 4, "lr": {"dpo": 2e-4, "orpo": 2e-4, "reward": 1e-3}[method],
+        "train": {"epochs": epochs, "micro_batch_size": 4, "lr": {"dpo": 2e-4, "orpo": 2e-4, "reward": 3e-4}[method],
                   "warmup_ratio": 0.05, "schedule": "cosine", "eval_every": 100, "save_every": 200},
         "preference": {"beta": 0.1, "orpo_lambda": 0.5, "reference_cache": str(out / "reference-cache")},
     }
