@@ -267,7 +267,6 @@ def closeness_to_teacher(teacher: Path, students: dict[str, Path], data_dir: Pat
     """
     from instructkit.config import load_config
     from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
-    from instructkit.models import load_for_inference
     from instructkit.synth.best_of_n import read_prompts
     from instructkit.synth.generators import LocalGenerator, Sampling
     from instructkit.teacher import kl_to_teacher
@@ -277,14 +276,15 @@ def closeness_to_teacher(teacher: Path, students: dict[str, Path], data_dir: Pat
     requests = [r["_prompt"] for r in prompts]
     greedy = Sampling(max_tokens=48, temperature=0.0)
 
-    def replies(model_dir: Path) -> list[str]:
-        return [g.text.strip() for g in LocalGenerator(model_dir, batch_size=64).generate(requests, greedy)]
+    def replies(gen: LocalGenerator) -> list[str]:
+        return [g.text.strip() for g in gen.generate(requests, greedy)]
 
-    teacher_replies = replies(teacher)
+    teacher_gen = LocalGenerator(teacher, batch_size=64)  # each model is loaded once: replies and KL share it
+    teacher_model, tok = teacher_gen.model, teacher_gen.tokenizer
+    teacher_replies = replies(teacher_gen)
     teacher_file = out / "teacher_replies.jsonl"
     teacher_file.write_text("".join(json.dumps({"messages": m + [{"role": "assistant", "content": t}]}) + "\n"
                                     for m, t in zip(requests, teacher_replies)), encoding="utf-8")
-    teacher_model, tok = load_for_inference(teacher)
 
     def batches(path: Path):
         cfg = load_config(raw={"output_dir": str(out), "model": {"name_or_path": str(teacher)},
@@ -297,10 +297,11 @@ def closeness_to_teacher(teacher: Path, students: dict[str, Path], data_dir: Pat
     reference, own = batches(data_dir / "validation.jsonl"), batches(teacher_file)
     result = {}
     for name, path in students.items():
-        model, _ = load_for_inference(path)
-        result[name] = kl_to_teacher(model, teacher_model, reference)
-        result[name]["kl_on_teacher_replies"] = kl_to_teacher(model, teacher_model, own)["kl_teacher_student"]
-        result[name]["greedy_agreement"] = sum(a == b for a, b in zip(replies(path), teacher_replies)) / len(requests)
+        student = LocalGenerator(path, batch_size=64)
+        result[name] = kl_to_teacher(student.model, teacher_model, reference)
+        on_own = kl_to_teacher(student.model, teacher_model, own)
+        result[name]["kl_on_teacher_replies"] = on_own["kl_teacher_student"]
+        result[name]["greedy_agreement"] = sum(a == b for a, b in zip(replies(student), teacher_replies)) / len(requests)
     return result
 
 
