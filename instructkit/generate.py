@@ -129,6 +129,17 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def reply_text(tokenizer, ids: list[int]) -> str:
+    """The text of generated reply tokens, without one leading space.
+
+    Templates that put a space before the reply (Llama 2's "[/INST] ", the demo's ChatML variant) make
+    the reply's first token carry it (" lantern"); like sentencepiece decoding, the reply the user reads
+    starts at the word. Byte-level models whose replies start after a newline are unaffected.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text[1:] if text.startswith(" ") else text
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -246,8 +257,7 @@ def _generate_batch(model, tokenizer, prompts, sampling, stops, pad_id, device, 
         next_pos = next_pos + 1
     results = []
     for r in range(n):
-        text = tokenizer.decode(tokens[r], skip_special_tokens=True)
-        text, hit = _cut_at_stop(text, stop_strings)
+        text, hit = _cut_at_stop(reply_text(tokenizer, tokens[r]), stop_strings)
         results.append(Generation(tokens[r], text, logps[r], "stop" if hit else reason[r]))
     return results
 
@@ -269,7 +279,7 @@ class StreamDecoder:
         self.stopped = False
 
     def _text(self) -> tuple[str, bool]:
-        return _cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop)
+        return _cut_at_stop(reply_text(self.tokenizer, self.ids), self.stop)
 
     def _emit(self, safe: str) -> str:
         # Re-decoding can in principle rewrite earlier characters (a tokenizer's clean-up rules);

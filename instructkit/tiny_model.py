@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from instructkit.data.templates import CHATML
+from instructkit.data.templates import CHATML, CHATML_REPLY_SPACE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
@@ -65,8 +65,8 @@ def default_corpus(seed: int = 0, n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int, chat_template: str = CHATML,
-                    isolate_spaces: bool = False):
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, chat_template: str | None = None,
+                    isolate_spaces: bool = False, reply_space: bool = False):
     """Train a byte-level BPE tokenizer (digits split one by one) and wrap it for transformers.
 
     Byte-level means every string is encodable, so the tiny models never meet an unknown token.
@@ -74,12 +74,16 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, chat_template: str =
     Args:
         corpus: Training text.
         vocab_size: Upper bound on the vocabulary.
-        chat_template: Jinja chat template stored with the tokenizer.
+        chat_template: Jinja chat template stored with the tokenizer; ChatML when None.
         isolate_spaces: Keep whitespace out of word tokens, so a word is the same token after a
             space, after a newline or at the start of a reply. GPT-style BPE gives " lantern" and
             "lantern" different ids; a tiny model then cannot copy a word from the prompt into a
             reply that starts after a newline (it must emit an id it has almost never seen). Costs
-            about a third more tokens.
+            about 40% more tokens, and the spaces between words cost a model positions that carry
+            no information (copying must look past them).
+        reply_space: Store ChatML with a space before each reply (``CHATML_REPLY_SPACE``, when
+            ``chat_template`` is None). With GPT-style tokens this gives the same fix at no cost in
+            tokens: the reply's first word is " lantern", as in the prompt. The demo uses this.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -107,14 +111,14 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, chat_template: str =
         unk_token=None,
         additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
     )
-    fast.chat_template = chat_template
+    fast.chat_template = chat_template or (CHATML_REPLY_SPACE if reply_space else CHATML)
     fast.model_max_length = 2048
     return fast
 
 
 def build_tiny_model(out_dir: str | Path, preset: str = "nano", seed: int = 0,
                      corpus: Iterable[str] | None = None, max_position_embeddings: int = 2048,
-                     isolate_spaces: bool = False) -> Path:
+                     isolate_spaces: bool = False, reply_space: bool = False) -> Path:
     """Write a tiny ``LlamaForCausalLM`` and its tokenizer to ``out_dir``; deterministic for a seed.
 
     Args:
@@ -123,7 +127,8 @@ def build_tiny_model(out_dir: str | Path, preset: str = "nano", seed: int = 0,
         seed: Seeds the corpus, tokenizer training order and weight init.
         corpus: Text lines for the tokenizer; the built-in corpus when None.
         max_position_embeddings: Longest sequence the model supports.
-        isolate_spaces: See :func:`train_tokenizer` (the demo turns it on).
+        isolate_spaces: See :func:`train_tokenizer`.
+        reply_space: See :func:`train_tokenizer` (the demo turns it on).
 
     Returns:
         The output folder.
@@ -137,7 +142,7 @@ def build_tiny_model(out_dir: str | Path, preset: str = "nano", seed: int = 0,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(corpus if corpus is not None else default_corpus(seed), spec["vocab_size"],
-                                isolate_spaces=isolate_spaces)
+                                isolate_spaces=isolate_spaces, reply_space=reply_space)
     config = LlamaConfig(
         **spec,
         max_position_embeddings=max_position_embeddings,

@@ -53,3 +53,29 @@ def test_isolate_spaces_makes_words_context_free():
     a = plain(" lantern", add_special_tokens=False)["input_ids"]
     b = plain("lantern", add_special_tokens=False)["input_ids"]
     assert a != b  # the GPT-style default differs, which is why the option exists
+
+
+def test_reply_space_template_gives_the_reply_the_prompt_words_tokens():
+    """With GPT-style tokens and ChatML with a space before the reply, a word copied from the prompt
+    starts the reply as the same id; the masked targets begin with that word, and reply_text drops
+    the template's space again."""
+    from instructkit.data.encode import encode_messages
+    from instructkit.generate import reply_text
+    from instructkit.tiny_model import default_corpus, train_tokenizer
+
+    corpus = default_corpus(0) + ["the first item of lantern, ocean is lantern."] * 50
+    tok = train_tokenizer(corpus, 2048, reply_space=True)
+    word = tok(" lantern", add_special_tokens=False)["input_ids"]
+    assert len(word) == 1
+    messages = [{"role": "user", "content": "First item of: lantern, ocean"},
+                {"role": "assistant", "content": "lantern"}]
+    ex = encode_messages(tok, messages, template=tok.chat_template)
+    targets = [t for t in ex.labels if t != -100]
+    assert targets[0] == word[0]                       # the reply's first token is " lantern"
+    assert word[0] in ex.input_ids[:ex.labels.index(word[0])]  # ... the same id as in the prompt
+    assert reply_text(tok, targets) == "lantern"       # without the template's space, special tokens dropped
+    assert reply_text(tok, tok("  two spaces", add_special_tokens=False)["input_ids"]) == " two spaces"
+    # Without the option the tokenizer keeps plain ChatML, whose reply starts "lantern" (another id).
+    plain = train_tokenizer(corpus, 2048)
+    ex2 = encode_messages(plain, messages, template=plain.chat_template)
+    assert [t for t in ex2.labels if t != -100][0] != plain(" lantern", add_special_tokens=False)["input_ids"][0]

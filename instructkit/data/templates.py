@@ -25,6 +25,15 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# ChatML with a space before each reply, for word-level byte-BPE tokenizers whose words carry their
+# leading space (" lantern"). A reply then starts with the same token as the word in the prompt, as Llama
+# 2's "[/INST] " does; with plain ChatML the first word after the newline is a different id ("lantern"),
+# which a tiny model cannot copy. The space is inside the generation block (the model emits it as part
+# of the first word); generate() drops it from the reply text. Used by the demo's tiny models.
+CHATML_REPLY_SPACE = CHATML.replace("{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
+                                    "{{ ' ' + message['content'] + '<|im_end|>' }}{% endgeneration %}")
+assert CHATML_REPLY_SPACE != CHATML
+
 # Llama 3 instruct format. The official template trims content; this one keeps it verbatim (see the
 # module docstring). The BOS token is part of the format, so it is rendered when the tokenizer has one.
 LLAMA3 = (
