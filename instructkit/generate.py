@@ -9,6 +9,7 @@ model (temperature 1, before top-k/top-p) and why it stopped.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -129,15 +130,44 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def reply_text(tokenizer, ids: list[int]) -> str:
-    """The text of generated reply tokens, without one leading space.
+_REPLY_SPACE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    Templates that put a space before the reply (Llama 2's "[/INST] ", the demo's ChatML variant) make
-    the reply's first token carry it (" lantern"); like sentencepiece decoding, the reply the user reads
-    starts at the word. Byte-level models whose replies start after a newline are unaffected.
+
+def template_adds_reply_space(tokenizer) -> bool:
+    """Whether the tokenizer's chat template puts a space between the generation prompt and the reply
+    (Llama 2's "[/INST] ", the demo's ``CHATML_REPLY_SPACE``). Found by rendering a one-turn
+    conversation, once per tokenizer."""
+    try:
+        return _REPLY_SPACE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    adds = False
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            user = [{"role": "user", "content": "x"}]
+            prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "y"}], tokenize=False)
+            adds = full.startswith(prompt + " y")
+        except Exception:  # a template that needs other roles or fields: assume no space
+            adds = False
+    try:
+        _REPLY_SPACE[tokenizer] = adds
+    except TypeError:
+        pass
+    return adds
+
+
+def reply_text(tokenizer, ids: list[int]) -> str:
+    """The text of generated reply tokens.
+
+    When the chat template puts a space before the reply (see :func:`template_adds_reply_space`), the
+    reply's first token carries it (" lantern"); that one space is the template's, not the reply's, so
+    it is dropped, as sentencepiece decoding does. Other tokenizers' text is returned as decoded.
     """
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text[1:] if text.startswith(" ") else text
+    if text.startswith(" ") and template_adds_reply_space(tokenizer):
+        return text[1:]
+    return text
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -60,7 +60,7 @@ def test_reply_space_template_gives_the_reply_the_prompt_words_tokens():
     starts the reply as the same id; the masked targets begin with that word, and reply_text drops
     the template's space again."""
     from instructkit.data.encode import encode_messages
-    from instructkit.generate import reply_text
+    from instructkit.generate import reply_text, template_adds_reply_space
     from instructkit.tiny_model import default_corpus, train_tokenizer
 
     corpus = default_corpus(0) + ["the first item of lantern, ocean is lantern."] * 50
@@ -73,9 +73,13 @@ def test_reply_space_template_gives_the_reply_the_prompt_words_tokens():
     targets = [t for t in ex.labels if t != -100]
     assert targets[0] == word[0]                       # the reply's first token is " lantern"
     assert word[0] in ex.input_ids[:ex.labels.index(word[0])]  # ... the same id as in the prompt
+    assert template_adds_reply_space(tok)
     assert reply_text(tok, targets) == "lantern"       # without the template's space, special tokens dropped
     assert reply_text(tok, tok("  two spaces", add_special_tokens=False)["input_ids"]) == " two spaces"
-    # Without the option the tokenizer keeps plain ChatML, whose reply starts "lantern" (another id).
+    # Without the option the tokenizer keeps plain ChatML, whose reply starts "lantern" (another id),
+    # and a reply that starts with a space keeps it.
     plain = train_tokenizer(corpus, 2048)
     ex2 = encode_messages(plain, messages, template=plain.chat_template)
     assert [t for t in ex2.labels if t != -100][0] != plain(" lantern", add_special_tokens=False)["input_ids"][0]
+    assert not template_adds_reply_space(plain)
+    assert reply_text(plain, plain(" lantern", add_special_tokens=False)["input_ids"]) == " lantern"
