@@ -79,7 +79,7 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
     prompts = [json.loads(x)["messages"] for x in (data_dir / "train.jsonl").read_text().splitlines()]
     texts = corpus + [m["content"] for conv in prompts for m in conv]
     # GPT-style word tokens (" lantern") and a space before each reply, so a word copied from the
-    # prompt into the reply is the same token (bench/RESULTS.md: 40% fewer tokens than isolated spaces).
+    # prompt into the reply is the same token (bench/RESULTS.md: isolating spaces cost 43% more tokens).
     init = build_tiny_model(work / "init", preset=recipe["preset"], seed=recipe["seed"], corpus=texts,
                             reply_space=True)
     pretrain_base(recipe, data_dir, work, init)
