@@ -43,7 +43,7 @@ def main() -> None:
     cache = work / "cache"
     rows = []
     # --quick reuses a full base when the cache has one, so its cold run gets a cache of its own.
-    plan = [("cold", False), ("cached", False), ("quick (cold: builds its half-epoch base)", True)]
+    plan = [("cold", False), ("cached", False), ("quick (cold: builds its one-epoch base)", True)]
     if a.only:
         plan = [x for x in plan if x[0].startswith(a.only)]
     for name, quick in plan:

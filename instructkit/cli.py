@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the embedded default: tune a tiny model on the skills curriculum")
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--cache", default=".cache/instructkit", help="where the pretrained base is kept")
-    dm.add_argument("--quick", action="store_true", help="3-minute taste: a half-epoch base (or the full one if cached), shorter tuning and evaluation")
+    dm.add_argument("--quick", action="store_true", help="3-minute taste: a one-epoch base (or the full one if cached), shorter tuning and evaluation")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--limit", type=int, help="prompts per split in evaluation (default 40, quick 20)")
     dm.add_argument("--with", dest="with_stages", metavar="STAGES",

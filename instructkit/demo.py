@@ -36,7 +36,7 @@ def base_recipe(preset: str, seed: int, quick: bool) -> dict:
     """Pretraining of the demo's base. Muon on the hidden matrices and one document (fact) per packed block
     are what let the tiny model start to compute the skills within the budget (bench/RESULTS.md)."""
     return {"version": DEMO_VERSION, "preset": preset, "seed": seed,
-            "pretrain_epochs": 0.5 if quick else 5, "max_length": 256, "lr": 3e-3, "micro_batch_size": 16,
+            "pretrain_epochs": 1 if quick else 5, "max_length": 256, "lr": 3e-3, "micro_batch_size": 16,
             "optimizer": "muon", "muon_lr": 0.02, "documents": "separate", "bf16": fast_bf16()}
 
 
@@ -350,8 +350,8 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     times: dict[str, float] = {}
     n_stages = 6 + len(with_stages)
     limit = limit or (20 if quick else 40)
-    if quick:  # the --quick budget (3 minutes from cold): a half-epoch base, 3/4 of an epoch of tuning
-        sft_epochs = min(sft_epochs, 0.75)
+    if quick:  # the --quick budget (3 minutes from cold): a one-epoch base, one epoch of tuning
+        sft_epochs = min(sft_epochs, 1.0)
 
     _stage(1, n_stages, "generating the skills curriculum")
     t = time.perf_counter()
