@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk = sysub.add_parser("skills", help="the verifiable skills curriculum (splits, corpus, preferences)")
     sk.add_argument("--out", required=True)
     sk.add_argument("--seed", type=int, default=0)
-    sk.add_argument("--n-train", type=int, default=6000)
+    sk.add_argument("--n-train", type=int, default=10000, help="training instances (default 10000, as the demo)")
     sk.add_argument("--n-corpus", type=int, default=30000)
     sk.set_defaults(func=cmd_synth_skills)
 

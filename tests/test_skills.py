@@ -204,7 +204,7 @@ def test_default_sizes():
     splits = make_splits(0)
     seen = len(FAMILIES) - len(DEFAULT_HELDOUT_FAMILIES)
     assert {s: len(v) for s, v in splits.items()} == {
-        "train": 6000, "validation": 20 * seen, "heldout_phrasing": 20 * seen,
+        "train": 10000, "validation": 20 * seen, "heldout_phrasing": 20 * seen,
         "heldout_family": 40 * len(DEFAULT_HELDOUT_FAMILIES)}
 
 

@@ -469,7 +469,7 @@ def heldout_phrasings(seed: int = 0, heldout_families: list[str] | None = None) 
             for name, fam in FAMILIES.items() if name not in held}
 
 
-def make_splits(seed: int = 0, n_train: int = 6000, n_val: int | None = None,
+def make_splits(seed: int = 0, n_train: int = 10000, n_val: int | None = None,
                 n_heldout_phrasing: int | None = None, n_heldout_family: int | None = None,
                 heldout_families: list[str] | None = None) -> dict[str, list[SkillInstance]]:
     """Draw the four splits, with no (family, inputs) pair in two of them.
@@ -599,7 +599,7 @@ def _counts(instances: list[SkillInstance]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def write_skills(out_dir: str | Path, seed: int = 0, n_train: int = 6000, n_val: int | None = None,
+def write_skills(out_dir: str | Path, seed: int = 0, n_train: int = 10000, n_val: int | None = None,
                  n_heldout_phrasing: int | None = None, n_heldout_family: int | None = None,
                  n_corpus: int = 30000, heldout_families: list[str] | None = None) -> Path:
     """Write the curriculum: four JSONL splits, ``corpus.txt``, ``preference.jsonl`` (pairs on train
