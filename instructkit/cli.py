@@ -622,8 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     sk = sysub.add_parser("skills", help="the verifiable skills curriculum (splits, corpus, preferences)")
     sk.add_argument("--out", required=True)
     sk.add_argument("--seed", type=int, default=0)
+    # Literals, not synth.skills.N_TRAIN / N_CORPUS, to keep that import off the CLI's start-up;
+    # tests/test_skills.py checks that they agree.
     sk.add_argument("--n-train", type=int, default=10000, help="training instances (default 10000, as the demo)")
-    sk.add_argument("--n-corpus", type=int, default=30000)
+    sk.add_argument("--n-corpus", type=int, default=30000, help="plain-text corpus lines (default 30000, as the demo)")
     sk.set_defaults(func=cmd_synth_skills)
 
     # Self-Instruct and sequence-level distillation data (instructkit/synth/commands.py).

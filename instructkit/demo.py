@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from instructkit.synth.skills import N_CORPUS, N_TRAIN
+
 DEMO_VERSION = 5  # bump when the base recipe changes, so stale caches are rebuilt
 
 
@@ -328,7 +330,7 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
 
 def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instructkit", quick: bool = False,
              seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 3.0,
-             n_train: int = 10000, n_corpus: int = 30000, with_stages: tuple[str, ...] = (),
+             n_train: int = N_TRAIN, n_corpus: int = N_CORPUS, with_stages: tuple[str, ...] = (),
              rl_steps: int | None = None) -> dict:
     """Run every stage and return ``{"results", "times", "base", "quick", "limit"}``.
 

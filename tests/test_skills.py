@@ -208,6 +208,20 @@ def test_default_sizes():
         "heldout_family": 40 * len(DEFAULT_HELDOUT_FAMILIES)}
 
 
+def test_cli_and_demo_default_to_the_same_sizes():
+    """`instructkit synth skills` with no sizes writes the demo's curriculum."""
+    import inspect
+
+    from instructkit.cli import build_parser
+    from instructkit.demo import run_demo
+    from instructkit.synth.skills import N_CORPUS, N_TRAIN
+
+    args = build_parser().parse_args(["synth", "skills", "--out", "x"])
+    assert (args.n_train, args.n_corpus) == (N_TRAIN, N_CORPUS)
+    demo = inspect.signature(run_demo).parameters
+    assert (demo["n_train"].default, demo["n_corpus"].default) == (N_TRAIN, N_CORPUS)
+
+
 def test_evaluation_splits_do_not_depend_on_train_size():
     small, large = make_splits(0, n_train=100), make_splits(0, n_train=400)
     for split in ("validation", "heldout_phrasing", "heldout_family"):

@@ -40,6 +40,9 @@ SPLITS = ("train", "validation", "heldout_phrasing", "heldout_family")
 #: upper_case, count_word) and stated in the corpus, so that it is learnable from knowledge.
 DEFAULT_HELDOUT_FAMILIES = ("min_list", "last_item", "lower_case", "count_letter")
 N_HELDOUT_PHRASINGS = 2
+# Default sizes, the demo's: `instructkit synth skills` and `instructkit demo` write the same files.
+N_TRAIN = 10000
+N_CORPUS = 30000
 # Default sizes per family, so the defaults scale with the number of families.
 VAL_PER_FAMILY, HELDOUT_PHRASING_PER_FAMILY, HELDOUT_FAMILY_PER_FAMILY = 20, 20, 40
 _MAX_TRIES = 2000  # consecutive duplicate draws before a family is declared exhausted
@@ -469,7 +472,7 @@ def heldout_phrasings(seed: int = 0, heldout_families: list[str] | None = None) 
             for name, fam in FAMILIES.items() if name not in held}
 
 
-def make_splits(seed: int = 0, n_train: int = 10000, n_val: int | None = None,
+def make_splits(seed: int = 0, n_train: int = N_TRAIN, n_val: int | None = None,
                 n_heldout_phrasing: int | None = None, n_heldout_family: int | None = None,
                 heldout_families: list[str] | None = None) -> dict[str, list[SkillInstance]]:
     """Draw the four splits, with no (family, inputs) pair in two of them.
@@ -542,7 +545,7 @@ def _draw(fam: Family, count: int, phrasings: list[int], rng: random.Random, use
 
 # --- Corpus and preferences ---------------------------------------------------------------------
 
-def make_corpus(seed: int = 0, n_lines: int = 30000,
+def make_corpus(seed: int = 0, n_lines: int = N_CORPUS,
                 exclude: set[str] | None = None) -> list[tuple[str, str]]:
     """Plain statements of every family's facts (held-out families included), shuffled.
 
@@ -599,9 +602,9 @@ def _counts(instances: list[SkillInstance]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def write_skills(out_dir: str | Path, seed: int = 0, n_train: int = 10000, n_val: int | None = None,
+def write_skills(out_dir: str | Path, seed: int = 0, n_train: int = N_TRAIN, n_val: int | None = None,
                  n_heldout_phrasing: int | None = None, n_heldout_family: int | None = None,
-                 n_corpus: int = 30000, heldout_families: list[str] | None = None) -> Path:
+                 n_corpus: int = N_CORPUS, heldout_families: list[str] | None = None) -> Path:
     """Write the curriculum: four JSONL splits, ``corpus.txt``, ``preference.jsonl`` (pairs on train
     instances), ``preference_validation.jsonl`` (pairs on validation instances), ``manifest.json``.
 
