@@ -377,7 +377,7 @@ class _StopFlag:
 
 
 def _bf16_would_pay(model: torch.nn.Module, min_params: int = 20_000_000) -> bool:
-    """An AMX CPU and a model big enough for matmuls to dominate (tiny models gain nothing)."""
+    """A CPU with native bf16 (AMX or AVX512-BF16) and a model big enough for matmuls to dominate."""
     from instructkit.models import cpu_has_fast_bf16
 
     return sum(p.numel() for p in model.parameters()) >= min_params and cpu_has_fast_bf16()
@@ -484,7 +484,7 @@ def train_loop(
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 \
         else nullcontext
     if main and device.type == "cpu" and not use_bf16 and cfg.bf16 == "auto" and _bf16_would_pay(model):
-        print("note: this CPU has AMX bf16 units; train.bf16: true (bf16 autocast, fp32 master weights) "
+        print("note: this CPU has native bf16 units (AMX or AVX512-BF16); train.bf16: true (bf16 autocast, fp32 master weights) "
               "trains a model this size about 1.6-2x faster here", file=sys.stderr)
     progress = Progress(total_steps, state["global_step"], cfg.progress and main)
     trainable = [p for p in model.parameters() if p.requires_grad]

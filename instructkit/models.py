@@ -24,19 +24,27 @@ def pick_device() -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where bf16 matmuls run several
-    times faster than fp32; on other CPUs bf16 is emulated or slower, so fp32 stays the CPU default."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe and probe())
-    except RuntimeError:
-        return False
+    """True on CPUs with native bf16 matrix instructions, where bf16 matmuls beat fp32.
+
+    AMX tiles (Intel Sapphire Rapids and later) run them several times faster; AVX512-BF16 dot products
+    (AMD Zen 4 and later, Intel Cooper Lake) about 2.5x on a 1024x1024 matmul and 1.65x on a whole training
+    step of the demo's 3.8M model (bench/RESULTS.md). Elsewhere bf16 is emulated and slower than fp32,
+    so fp32 stays the CPU default.
+    """
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe and probe():
+                return True
+        except RuntimeError:
+            continue
+    return False
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' means bf16 on a GPU that supports it and fp32 elsewhere.
 
-    CPUs keep fp32 under 'auto' even with AMX: results then match across machines. On an AMX CPU,
+    CPUs keep fp32 under 'auto' even with native bf16: results then match across machines. On such a CPU,
     ``bfloat16`` for inference and ``train.bf16: true`` for training are the fast settings.
     """
     if name == "auto":
@@ -123,6 +131,37 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device, n_token
     return model
 
 
+def peft_base(model):
+    """The model inside a peft wrapper (adapters stay live in its modules), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_head_weight(model, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    """The (V, H) output projection that belongs to a reward model's backbone.
+
+    A sequence-classification model drops the causal LM's head. With tied embeddings (the demo's
+    models, SmolLM2, small Qwen2) the head *is* the input embedding table: it is returned live and
+    trains with the backbone. Otherwise the causal LM's head is loaded once from
+    ``cfg.name_or_path`` and kept frozen; :func:`save_final` callers store it beside the reward model
+    (``lm_head.safetensors``) so scoring uses the same weights.
+    """
+    base = peft_base(model)
+    embeddings = base.get_input_embeddings().weight
+    if getattr(base.config, "tie_word_embeddings", False):
+        return embeddings
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.gguf import resolve_model_path
+
+    causal = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.name_or_path), dtype=embeddings.dtype,
+                                                  trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if causal.get_output_embeddings().weight.shape[0] < embeddings.shape[0]:  # tokens added for a template
+        causal.resize_token_embeddings(embeddings.shape[0])
+    weight = causal.get_output_embeddings().weight.detach()[:embeddings.shape[0]].clone().to(device)
+    del causal
+    return weight
+
+
 def apply_lora(model, lora: LoraConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -178,7 +217,7 @@ def count_trainable(model) -> tuple[int, int]:
 
 def _decoder_and_head(model):
     """The transformer body and the output projection, looking through a peft wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = peft_base(model)
     return base, base.get_decoder(), base.get_output_embeddings()
 
 
@@ -257,17 +296,36 @@ def unit_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return sums, counts
 
 
+LOGPROB_TERM = "_instructkit_logprob_term"  # attribute of a reward model's base: (coef, (V, H) head weight)
+
+
+def set_logprob_term(model, coef: float, head_weight: torch.Tensor) -> None:
+    """Add ``coef`` x the reply's summed log-probability to every score of this reward model.
+
+    The backbone of a reward model is a causal LM that often already ranks a correct reply above a
+    wrong one by its own likelihood; the scalar head alone, trained from a few thousand pairs, can
+    lose that (bench/RESULTS.md, "Reward model: the backbone's own likelihood as a prior"). With
+    the term, the score is ``head(h_last) + coef * sum_t log p(reply_t | prefix)`` where the
+    log-probabilities use ``head_weight`` as the output projection, computed in the same forward
+    pass. See :func:`output_head_weight`.
+    """
+    base = peft_base(model)
+    setattr(base, LOGPROB_TERM, (float(coef), head_weight))
+
+
 def last_token_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar scores of every sequence in a batch from a sequence-classification (reward) model.
 
     The score head reads the hidden state of each sequence's last token (found from
     ``example_index``), which works for padded and packed rows alike; Hugging Face's own pooling
-    handles only right padding with a distinct pad id.
+    handles only right padding with a distinct pad id. A model given a log-probability term
+    (:func:`set_logprob_term`) adds ``coef`` x the summed log-probability of the sequence's target
+    tokens (``labels`` != -100: the reply) from the same hidden states.
 
     Returns:
         ``(seq_ids, scores)``: the ``example_index`` value of each sequence and its float32 score.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = peft_base(model)
     mask = batch.get("attention_mask")
     if mask is not None and mask.dim() == 4 and "flash" in str(getattr(base.config, "_attn_implementation", "")):
         mask = None
@@ -276,7 +334,22 @@ def last_token_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     idx = batch["example_index"]
     nxt = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)
     last = (idx >= 0) & (idx != nxt)  # the last position of each sequence
-    return idx[last], base.score(hidden[last]).float().squeeze(-1)
+    seq_ids, scores = idx[last], base.score(hidden[last]).float().squeeze(-1)
+    term = getattr(base, LOGPROB_TERM, None)
+    if term is None or not term[0]:
+        return seq_ids, scores
+    coef, weight = term
+    labels = batch["labels"][:, 1:]
+    select = labels != -100  # position t predicts token t+1
+    logits = hidden[:, :-1][select] @ weight.to(hidden.dtype).t()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    token_lp = token_logprobs(logits, labels[select])
+    order = torch.argsort(seq_ids)
+    slot = order[torch.searchsorted(seq_ids[order], idx[:, 1:][select])]  # each target token's sequence
+    sums = torch.zeros_like(scores).index_add(0, slot, token_lp.to(scores.dtype))
+    return seq_ids, scores + coef * sums
 
 
 def unit_rewards(model, batch: dict) -> torch.Tensor:
@@ -299,13 +372,15 @@ def mean_nll(model, batches) -> float:
     return total / max(1, count)
 
 
-def save_final(model, tokenizer, out: Path, lora: LoraConfig, extra_info: dict | None = None) -> Path:
+def save_final(model, tokenizer, out: Path, lora: LoraConfig, extra_info: dict | None = None,
+               extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write ``out`` as a Hugging Face folder (full model) or a peft adapter folder (LoRA).
 
     The tokenizer is saved alongside with the chat template used in training, so inference renders
     prompts exactly as training did. With ``lora.merge_on_save`` the merged model is also written to
-    ``out/merged``. Under torchrun every rank must call it (FSDP2 gathers the shards); only rank
-    0 writes.
+    ``out/merged``. ``extra_tensors`` maps file names to tensors saved with safetensors beside the
+    model (a reward model's frozen LM head). Under torchrun every rank must call it (FSDP2 gathers
+    the shards); only rank 0 writes.
     """
     from instructkit import distributed
 
@@ -327,6 +402,11 @@ def save_final(model, tokenizer, out: Path, lora: LoraConfig, extra_info: dict |
         tokenizer.save_pretrained(tmp / "merged")
     if extra_info:
         (tmp / "instructkit.json").write_text(json.dumps(extra_info, indent=2), encoding="utf-8")
+    if extra_tensors:
+        from safetensors.torch import save_file
+
+        for name, tensors in extra_tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
     if out.exists():
         import shutil
         shutil.rmtree(out)

@@ -209,6 +209,23 @@ def test_amx_note_only_when_bf16_would_pay(tiny_model_dir, tmp_path, monkeypatch
         assert ("train.bf16: true" in capsys.readouterr().err) is expect
 
 
+@pytest.mark.parametrize("amx,avx512_bf16,expect", [(True, False, True), (False, True, True), (False, False, False)])
+def test_cpu_has_fast_bf16_with_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expect):
+    """Either native bf16 instruction set counts; a probe that raises or is missing counts as absent."""
+    from instructkit.models import cpu_has_fast_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert cpu_has_fast_bf16() is expect
+
+    def broken():
+        raise RuntimeError("no cpuinfo")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert cpu_has_fast_bf16() is avx512_bf16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert cpu_has_fast_bf16() is False
+
+
 def test_bf16_would_pay_needs_a_large_model_and_amx(tiny_model_dir, monkeypatch):
     import instructkit.models as models
     from instructkit.loop import _bf16_would_pay
