@@ -157,6 +157,87 @@ def test_reward_head_same_in_shared_and_padded_layouts(skills, tiny_model_dir, t
     assert torch.allclose(got[True], got[False], atol=1e-4)
 
 
+def _untied_copy(model_dir: Path, out: Path) -> Path:
+    """The tiny model with a separate (perturbed) LM head, saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.clone()
+                                                  + 0.05 * torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_reward_logprob_term_adds_the_replys_logprob(tied, skills, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """score = head(last hidden) + coef * summed reply log-prob of the causal LM, in both layouts."""
+    from transformers import AutoModelForSequenceClassification
+
+    from instructkit.config import ModelConfig
+    from instructkit.models import output_head_weight, set_logprob_term, unit_rewards
+
+    model_dir = tiny_model_dir if tied else _untied_copy(tiny_model_dir, tmp_path / "untied")
+    tmpl = resolve_template(tiny_tokenizer, "auto")
+    data = load_pair_data(data_cfg(skills / "preference_validation.jsonl", max_length=128), tiny_tokenizer, tmpl,
+                          seed=0)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
+                                                            pad_token_id=tiny_tokenizer.pad_token_id).eval()
+    causal = _model(model_dir)
+    weight = output_head_weight(rm, ModelConfig(name_or_path=str(model_dir)), torch.device("cpu"))
+    assert (weight is rm.get_input_embeddings().weight) == tied
+    if not tied:  # the causal head, not the embeddings
+        assert torch.equal(weight, causal.lm_head.weight) and not torch.equal(weight, rm.get_input_embeddings().weight)
+    for packing in (True, False):
+        for b in plan_pair_batches(data, split="train", packing=packing, micro_batch_size=4, max_length=128,
+                                   pad_id=tiny_tokenizer.pad_token_id, seed=0, shuffle=False).source(0):
+            with torch.no_grad():
+                set_logprob_term(rm, 0.0, weight)
+                plain = unit_rewards(rm, b)
+                set_logprob_term(rm, 0.5, weight)
+                with_term = unit_rewards(rm, b)
+                logps, _ = unit_logps(causal, b)
+            assert torch.allclose(with_term - plain, 0.5 * logps, atol=1e-4)
+
+
+def test_reward_logprob_term_through_cli_and_score(tmp_path, tiny_model_dir, skills):
+    """Training with the term records it; `instructkit score` applies it (untied head saved beside)."""
+    model_dir = _untied_copy(tiny_model_dir, tmp_path / "untied")
+    cfg = write_cfg(tmp_path, model_dir, skills, "reward", train={"max_steps": 4},
+                    preference={"reward_logprob_coef": 0.5})
+    p = cli("train", cfg)
+    assert "+ 0.5 x reply log-probability" in p.stderr
+    final = tmp_path / "run-reward" / "final"
+    assert json.loads((final / "instructkit.json").read_text())["reward_logprob_coef"] == 0.5
+    assert (final / "lm_head.safetensors").exists()
+    eval_acc = read_metrics(tmp_path / "run-reward")[-1]["eval_accuracy"]
+    out = tmp_path / "scores.jsonl"
+    cli("score", "--reward", final, "--data", skills / "preference_validation.jsonl", "--out", out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / len(rows) == pytest.approx(eval_acc, abs=1e-6)
+    # Without the term the scores differ by exactly coef x the reply's log-probability.
+    plain_dir = tmp_path / "plain"
+    import shutil
+    shutil.copytree(final, plain_dir)
+    (plain_dir / "instructkit.json").write_text(json.dumps({"reward_logprob_coef": 0.0}))
+    cli("score", "--reward", plain_dir, "--data", skills / "preference_validation.jsonl", "--out", tmp_path / "p.jsonl")
+    plain = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert all(r["reward_chosen"] < q["reward_chosen"] for r, q in zip(rows, plain))  # log-probs are negative
+    # A model trained with the term whose untied head went missing is refused with the fix.
+    (final / "lm_head.safetensors").unlink()
+    bad = cli("score", "--reward", final, "--data", skills / "preference_validation.jsonl", "--out", out, check=False)
+    assert bad.returncode != 0 and "lm_head.safetensors" in bad.stderr and "is missing" in bad.stderr
+    # Tied embeddings: the head is the embedding table, nothing extra is saved.
+    (tmp_path / "t").mkdir()
+    cfg = write_cfg(tmp_path / "t", tiny_model_dir, skills, "reward", train={"max_steps": 2},
+                    preference={"reward_logprob_coef": 1.0})
+    cli("train", cfg)
+    assert not (tmp_path / "t" / "run-reward" / "final" / "lm_head.safetensors").exists()
+
+
 def test_dpo_loss_matches_trl(skills, tiny_model_dir, tiny_tokenizer, tmp_path):
     """Same model, same batch (TRL's own collated batch): instructkit's log-probs + DPO loss = TRL's."""
     trl = pytest.importorskip("trl")

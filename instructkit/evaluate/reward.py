@@ -3,7 +3,9 @@
 A reward folder is what ``method: reward`` writes to ``final/``: a Hugging Face sequence-classification
 model (or a peft adapter over one) plus the tokenizer with the training chat template. Each
 (prompt, reply) is encoded exactly as one side of a training pair (same template rendering and
-truncation), and the score is the head's output at the last token.
+truncation), and the score is the head's output at the last token, plus ``reward_logprob_coef`` x the
+reply's log-probability when the model was trained with that term (recorded in ``instructkit.json``; an
+untied LM head is read from ``lm_head.safetensors``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from instructkit.data.encode import encode_preference
 from instructkit.data.errors import DataError
 from instructkit.data.formats import detect_file_format, load_examples
 from instructkit.data.packing import collate_padded
-from instructkit.models import ModelError, last_token_scores, load_tokenizer, pick_device, resolve_dtype
+from instructkit.models import (ModelError, last_token_scores, load_tokenizer, peft_base, pick_device, resolve_dtype,
+                                set_logprob_term)
 
 
 def load_reward_model(path: str | Path):
@@ -46,7 +49,23 @@ def load_reward_model(path: str | Path):
     if model.config.num_labels != 1:
         raise ModelError(f"'{path}' has {model.config.num_labels} output labels; a reward model has 1 "
                          f"(train one with method: reward)")
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    info_file = path / "instructkit.json"
+    coef = float(json.loads(info_file.read_text()).get("reward_logprob_coef") or 0.0) if info_file.exists() else 0.0
+    if coef:
+        head_file = path / "lm_head.safetensors"
+        if head_file.exists():
+            from safetensors.torch import load_file
+
+            weight = load_file(str(head_file))["weight"].to(device)
+        elif getattr(peft_base(model).config, "tie_word_embeddings", False):
+            weight = peft_base(model).get_input_embeddings().weight
+        else:
+            raise ModelError(f"'{path}' was trained with reward_logprob_coef {coef:g} but its LM head "
+                             f"'{head_file.name}' is missing and the model does not tie its embeddings; "
+                             f"copy the file from the training run's final/ folder or retrain")
+        set_logprob_term(model, coef, weight)
+    return model, tokenizer
 
 
 def split_last_reply(messages: list[dict]) -> tuple[list[dict], list[dict]]:

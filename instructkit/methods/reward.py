@@ -2,24 +2,29 @@
 
 setup: tokenizer and template, preference pairs (same encoding and batching as DPO), and the
        backbone loaded as a Hugging Face sequence-classification model (``num_labels=1``, pad token set)
-train: the shared loop; per pair ``-log sigmoid(r_chosen - r_rejected - margin)`` (+ optional centring)
+train: the shared loop; per pair ``-log sigmoid(r_chosen - r_rejected - margin)`` (+ optional centring);
+       with ``reward_logprob_coef`` c, r = head(last hidden state) + c * sum log p(reply | prompt), the
+       log-probabilities from the backbone's own LM head (tied embeddings, or the causal head kept frozen)
 save:  final/ loadable with ``AutoModelForSequenceClassification``; ``instructkit score`` uses it
+       (``instructkit.json`` records the coefficient; an untied LM head is saved as ``lm_head.safetensors``)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 
-from instructkit.config import RunConfig, dump_config
+from instructkit.config import ConfigError, RunConfig, dump_config
 from instructkit.data.pairs import count_units, load_pair_data, plan_pair_batches
 from instructkit.data.pipeline import prepare_template
 from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, StepOutput, evaluate_steps, start_run, train_loop
 from instructkit.losses import bradley_terry_loss
-from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, unit_rewards
+from instructkit.models import (count_trainable, load_model, load_tokenizer, output_head_weight, peft_base,
+                                save_final, set_logprob_term, unit_rewards)
 
 
 def main(cfg: RunConfig) -> LoopResult:
@@ -41,8 +46,16 @@ def main(cfg: RunConfig) -> LoopResult:
           f"{len(data.report)} skipped", file=sys.stderr)
     model = load_model(cfg.model, cfg.lora, device, n_tokens=len(tokenizer) if n_added else None,
                        reward_head=True, pad_token_id=tokenizer.pad_token_id)
+    head_weight = None
+    if p.reward_logprob_coef:
+        if cfg.distributed.strategy == "fsdp2" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("preference.reward_logprob_coef reads the LM head outside the sharded forward "
+                             "pass, which fsdp2 does not support; use distributed.strategy: ddp")
+        head_weight = output_head_weight(model, cfg.model, device)
+        set_logprob_term(model, p.reward_logprob_coef, head_weight)
     trainable, total = count_trainable(model)
-    print(f"reward model: {cfg.model.name_or_path} backbone + scalar head on {device}, {trainable:,} of "
+    prior = (f" + {p.reward_logprob_coef:g} x reply log-probability" if p.reward_logprob_coef else "")
+    print(f"reward model: {cfg.model.name_or_path} backbone + scalar head{prior} on {device}, {trainable:,} of "
           f"{total:,} parameters trainable", file=sys.stderr)
     dump_config(cfg, out_dir / "config.yaml")
 
@@ -68,8 +81,12 @@ def main(cfg: RunConfig) -> LoopResult:
         return result
     info = {"method": "reward", "base_model": cfg.model.name_or_path, "lora": cfg.lora.enabled,
             "steps": result.global_step, "train_pairs": data.n_train, "skipped": len(data.report),
-            "seconds": round(elapsed, 2), "final_metrics": result.final_metrics}
-    final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
+            "seconds": round(elapsed, 2), "final_metrics": result.final_metrics,
+            "reward_logprob_coef": p.reward_logprob_coef}
+    # An untied head is not part of a sequence-classification model's files: store it beside them.
+    frozen_head = head_weight is not None and not getattr(peft_base(model).config, "tie_word_embeddings", False)
+    final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info,
+                       extra_tensors={"lm_head.safetensors": {"weight": head_weight}} if frozen_head else None)
     if not is_main_process():  # under torchrun, rank 0 reports and writes the summary
         return result
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
