@@ -257,7 +257,8 @@ def test_dpo_loss_matches_trl(skills, tiny_model_dir, tiny_tokenizer, tmp_path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=6,
-                         report_to="none", use_cpu=True, max_length=128, precompute_ref_log_probs=False)
+                         report_to="none", use_cpu=True, max_length=128, precompute_ref_log_probs=False,
+                         bf16=False)  # TRL defaults to bf16 autocast, even on CPU; compare in fp32
     trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
@@ -382,3 +383,287 @@ def test_preference_config_errors():
         load_config(raw=raw, overrides=["preference.lambda=0.2"])
     with pytest.raises(Exception, match="loss_type"):
         load_config(raw=raw, overrides=["preference.loss_type=sigmod"])
+
+
+# --- reference cache key, live frozen reference, native KTO, right truncation, DPO loss variants ---
+
+
+def _copy_model(model_dir: Path, out: Path) -> Path:
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    return out
+
+
+def test_reference_cache_key_tracks_model_data_template_and_truncation(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """The cache key changes with the model's files, the pairs, the template and the truncation, and
+    only with them: identical inputs (re-encoded from scratch) give the identical key."""
+    from instructkit.reference import cache_key
+
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    long_prompt = " ".join(f"word{i}" for i in range(15)) + " QUESTION?"  # ~45 tokens with the template
+    rows = [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "five"},
+            {"prompt": long_prompt, "chosen": " ".join(f"step {i}." for i in range(10)), "rejected": "no"}]
+    f = pairs_file(tmp_path, rows)
+    auto = resolve_template(tiny_tokenizer, "auto")
+
+    def seqs(path=f, template=auto, max_length=64, truncation="keep_end"):
+        return load_pair_data(data_cfg(path, max_length=max_length), tiny_tokenizer, template, seed=0,
+                              truncation=truncation).sequences
+
+    def key(path=model, sequences=None, extra=None):
+        return cache_key(str(path), None, seqs() if sequences is None else sequences,
+                         {"dtype": "float32", "n_added": 0} if extra is None else extra)
+
+    base = key()
+    assert len(base) == 24 and all(c in "0123456789abcdef" for c in base)
+    assert key() == base == key(sequences=seqs())  # identical inputs, encoded again: same key
+    # Model: another weights file (same size, new content and mtime), a changed config, another folder.
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert weights.stat().st_size == st.st_size
+    k_weights = key()
+    assert k_weights != base
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rms_norm_eps"] = cfg.get("rms_norm_eps", 1e-6) * 2
+    (model / "config.json").write_text(json.dumps(cfg))
+    k_config = key()
+    assert k_config not in (base, k_weights)
+    assert key() == k_config  # stable once the files stop changing
+    assert key(path=tiny_model_dir) != k_config
+    # Data: one different pair (another rejected reply).
+    g = tmp_path / "other" / "pairs.jsonl"
+    g.parent.mkdir()
+    g.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], {**rows[1], "rejected": "nope"}]))
+    k_data = key(sequences=seqs(g))
+    # Template (alpaca renders differently from the tokenizer's ChatML) and truncation mode / length.
+    k_template = key(sequences=seqs(template=resolve_template(tiny_tokenizer, "alpaca")))
+    k_right = key(sequences=seqs(truncation="right"))
+    k_len = key(sequences=seqs(max_length=80))
+    k_dtype = key(extra={"dtype": "bfloat16", "n_added": 0})
+    keys = [k_config, k_data, k_template, k_right, k_len, k_dtype]
+    assert len(set(keys)) == len(keys), keys
+    # Hub ids: the revision is part of the identity.
+    s = seqs()
+    assert cache_key("org/model", "main", s) != cache_key("org/model", "abc123", s)
+    assert cache_key("org/model", "main", s) == cache_key("org/model", "main", s)
+
+
+def _pair_batch(tmp_path, tiny_tokenizer, n=4):
+    """One padded pair batch of ``n`` short pairs (prompts and responses of different lengths)."""
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
+             "rejected": "I do not know the answer to that one, sorry." + " really" * i} for i in range(n)]
+    f = pairs_file(tmp_path, rows)
+    data = load_pair_data(data_cfg(f, max_length=128), tiny_tokenizer, resolve_template(tiny_tokenizer, "auto"),
+                          seed=0)
+    plan = plan_pair_batches(data, split="train", packing=False, micro_batch_size=n, max_length=128,
+                             pad_id=tiny_tokenizer.pad_token_id, seed=0, shuffle=False)
+    (batch,) = list(plan.source(0))
+    return data, batch
+
+
+def _direct_logps(model, data, units) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, 2) summed response log-probs and token counts, each sequence alone through the plain HF forward."""
+    sums, counts = torch.zeros(len(units), 2), torch.zeros(len(units), 2)
+    for k, u in enumerate(units):
+        for side in (0, 1):
+            ex = data.units[u][side]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1]
+            labels = torch.tensor(ex.labels[1:])
+            keep = labels != IGNORE_INDEX
+            sums[k, side] = torch.log_softmax(logits.float(), -1)[keep].gather(-1, labels[keep][:, None]).sum()
+            counts[k, side] = int(keep.sum())
+    return sums, counts
+
+
+def test_live_reference_for_full_finetuning_is_a_frozen_copy(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from instructkit.config import PreferenceConfig
+    from instructkit.methods.preference import make_loss_fn
+    from instructkit.reference import Reference
+
+    data, batch = _pair_batch(tmp_path, tiny_tokenizer)
+    policy = _model(tiny_model_dir).train()
+    reference = Reference(model=policy, frozen_copy=True)  # what `reference: live` builds without LoRA
+    frozen = reference.frozen
+    assert frozen is not None and frozen is not policy and reference.table is None
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for p in policy.parameters())  # the policy itself is untouched
+    policy_ptrs = {p.data_ptr() for p in policy.parameters()}
+    assert not policy_ptrs & {p.data_ptr() for p in frozen.parameters()}  # no shared storage
+    with torch.no_grad():
+        start, _ = unit_logps(policy.eval(), batch)
+    policy.train()
+    ref0 = reference.logps(batch)
+    assert not ref0.requires_grad
+    assert torch.allclose(ref0, start, atol=1e-5)
+    direct, _ = _direct_logps(policy, data, batch["units"].tolist())
+    assert torch.allclose(ref0, direct, atol=1e-3)
+    # One DPO step on the policy: its log-probs move, the reference's do not.
+    loss_fn = make_loss_fn("dpo", PreferenceConfig(reference="live"), reference)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    out = loss_fn(policy, batch)
+    assert float(out.loss_sum.detach()) / out.n_targets == pytest.approx(0.693147, abs=1e-4)  # policy = reference
+    out.loss_sum.backward()
+    assert all(p.grad is None for p in frozen.parameters())
+    opt.step()
+    with torch.no_grad():
+        moved, _ = unit_logps(policy.eval(), batch)
+    assert (moved - start).abs().max() > 1e-3
+    assert torch.equal(reference.logps(batch), ref0)
+
+
+def _kto_rows():
+    return [{"prompt": "Name a colour.", "completion": "Blue.", "label": True},
+            {"prompt": "What is 3+3?", "completion": "Six, of course.", "label": True},
+            {"prompt": "Say hello.", "completion": "Goodbye forever!", "label": False},
+            {"prompt": "Capital of France?", "completion": "Paris is the capital.", "label": True},
+            {"prompt": "Count to three.", "completion": "one two four", "label": False},
+            {"prompt": "Spell cat.", "completion": "c a t", "label": True}]
+
+
+def test_kto_native_file_units_pair_each_prompt_with_another_completion(tmp_path, tiny_tokenizer):
+    from instructkit.data.pairs import collate_units
+
+    rows = _kto_rows()
+    f = pairs_file(tmp_path, rows)
+    tmpl = resolve_template(tiny_tokenizer, "auto")
+    data = load_pair_data(data_cfg(f, max_length=128), tiny_tokenizer, tmpl, seed=0, kind="kto")
+    assert data.n_train == len(rows) and data.n_eval == 0
+    assert data.desirable == [r["label"] for r in rows]
+
+    def target_text(ex):
+        return tiny_tokenizer.decode([t for t in ex.labels if t != IGNORE_INDEX], skip_special_tokens=True).strip()
+
+    completions = [r["completion"] for r in rows]
+    partners = []
+    for (own, other), row in zip(data.units, rows):
+        n = next(i for i, t in enumerate(own.labels) if t != IGNORE_INDEX)
+        assert own.input_ids[:n] == other.input_ids[:n]  # same prompt rendering
+        assert row["prompt"] in tiny_tokenizer.decode(own.input_ids[:n])
+        assert target_text(own) == row["completion"]
+        mismatched = target_text(other)
+        assert mismatched in completions and mismatched != row["completion"]
+        partners.append(completions.index(mismatched))
+    assert sorted(partners) == list(range(len(rows)))  # every completion is used once as a mismatch
+    batch = collate_units(data, [0, 2, 3], None, pad_id=tiny_tokenizer.pad_token_id)
+    assert batch["desirable"].tolist() == [True, False, True]
+    # Same seed, same pairing (the cached reference log-probs stay valid); any seed is mismatched.
+    again = load_pair_data(data_cfg(f, max_length=128), tiny_tokenizer, tmpl, seed=0, kind="kto")
+    assert [b.input_ids for _, b in again.units] == [b.input_ids for _, b in data.units]
+    other = load_pair_data(data_cfg(f, max_length=128), tiny_tokenizer, tmpl, seed=1, kind="kto")
+    assert all(target_text(b) != r["completion"] for (_, b), r in zip(other.units, rows))
+
+
+def test_kto_trains_from_native_unpaired_file_through_cli(tmp_path, tiny_model_dir):
+    rows = _kto_rows()
+    f = pairs_file(tmp_path, rows)
+    # All six examples in one padded micro-batch, so step 1 sees every label. At step 1 the policy is
+    # the reference: r = 0, z0 = 0, and each example's loss is weight * (1 - sigmoid(0)) = weight / 2.
+    cfg = write_cfg(tmp_path, tiny_model_dir, tmp_path, "kto", data={"train": str(f), "eval": None, "packing": False},
+                    train={"max_steps": 2, "micro_batch_size": 6},
+                    preference={"kto_desirable_weight": 2.0, "kto_undesirable_weight": 1.0})
+    p = cli("train", cfg)
+    assert "6 train / 0 eval examples" in p.stderr and "reference log-probs: computed" in p.stderr
+    steps = [m for m in read_metrics(tmp_path / "run-kto") if "loss" in m]
+    assert len(steps) == 2
+    assert {"kl", "reward_signed", "accuracy", "logp"} <= set(steps[0])
+    assert not {"reward_chosen", "reward_margin"} & set(steps[0])  # no pair metrics for KTO
+    n_good = sum(r["label"] for r in rows)
+    assert steps[0]["loss"] == pytest.approx((2.0 * 0.5 * n_good + 1.0 * 0.5 * (len(rows) - n_good)) / len(rows),
+                                             abs=1e-4)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert steps[0]["reward_signed"] == pytest.approx(0.0, abs=1e-4)
+    assert steps[1]["loss"] != pytest.approx(steps[0]["loss"], abs=1e-6)  # the first step changed the policy
+    summary = json.loads((tmp_path / "run-kto" / "summary.json").read_text())
+    assert summary["method"] == "kto" and summary["train_examples"] == len(rows) and summary["truncated"] == 0
+
+
+def test_right_truncation_cuts_the_end_and_is_counted(tmp_path, tiny_tokenizer):
+    """`right` keeps the sequence's start (the whole prompt) and cuts the long response's end;
+    `keep_end` instead drops the prompt's start and keeps each response's start."""
+    prompt = " ".join(f"word{i}" for i in range(15)) + " QUESTION?"  # ~45 tokens with the template
+    long_reply = " ".join(f"step {i}." for i in range(40))  # ~240 tokens
+    f = pairs_file(tmp_path, [{"prompt": prompt, "chosen": long_reply, "rejected": "no"},
+                              {"prompt": "short", "chosen": "a", "rejected": "b"}])
+    tmpl = resolve_template(tiny_tokenizer, "auto")
+    full = load_pair_data(data_cfg(f, max_length=1024), tiny_tokenizer, tmpl, seed=0)
+    assert full.n_truncated == 0
+    fc, fr = full.units[0]
+    n_prompt = next(i for i, t in enumerate(fc.labels) if t != IGNORE_INDEX)
+    assert 32 < n_prompt < 64 < len(fc) and len(fr) < 64
+
+    right = load_pair_data(data_cfg(f, max_length=64), tiny_tokenizer, tmpl, seed=0, truncation="right")
+    assert right.n_truncated == 1
+    c, r = right.units[0]
+    assert c.truncated and not r.truncated
+    assert c.input_ids == fc.input_ids[:64] and c.labels == fc.labels[:64]  # prompt start kept, end cut
+    assert r.input_ids == fr.input_ids and r.labels == fr.labels  # the short side is untouched
+    assert "word0 " in tiny_tokenizer.decode(c.input_ids) and "QUESTION?" in tiny_tokenizer.decode(c.input_ids)
+    assert c.n_targets == 64 - n_prompt and tiny_tokenizer.decode(
+        [t for t in c.labels if t != IGNORE_INDEX]).startswith("step 0.")
+    assert right.units[1] == full.units[1]
+
+    keep = load_pair_data(data_cfg(f, max_length=64), tiny_tokenizer, tmpl, seed=0)
+    kc, kr = keep.units[0]
+    cut = n_prompt - 32  # keep_end keeps max(64 - longest response, 64 // 2) prompt tokens
+    assert keep.n_truncated == 1 and kc.truncated and kr.truncated
+    assert kc.input_ids == fc.input_ids[cut:cut + 64] and kr.input_ids == fr.input_ids[cut:]
+    assert "word0 " not in tiny_tokenizer.decode(kc.input_ids) and kc.input_ids != c.input_ids
+    # Both train on the response's start; keep_end keeps more of it (32 prompt tokens, 32 response tokens).
+    right_targets = [t for t in c.labels if t != IGNORE_INDEX]
+    keep_targets = [t for t in kc.labels if t != IGNORE_INDEX]
+    assert len(keep_targets) == 32 > len(right_targets) and keep_targets[:len(right_targets)] == right_targets
+
+
+@pytest.mark.parametrize("loss_type,normalize", [("ipo", True), ("ipo", False), ("robust", True), ("hinge", True)])
+def test_dpo_loss_types_in_training_path_match_pure_losses(loss_type, normalize, tmp_path, tiny_model_dir,
+                                                           tiny_tokenizer):
+    """The training loss (make_loss_fn -> pair_loss) for one pair batch = the pure loss of instructkit.losses
+    on independently computed log-probs; IPO on per-token means (ipo_normalize) or on sums."""
+    from instructkit import losses
+    from instructkit.config import PreferenceConfig
+    from instructkit.methods.preference import make_loss_fn
+    from instructkit.reference import Reference
+
+    data, batch = _pair_batch(tmp_path, tiny_tokenizer)
+    ref_model = _model(tiny_model_dir)
+    policy = copy.deepcopy(ref_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    units = batch["units"].tolist()
+    pol, n = _direct_logps(policy, data, units)
+    ref, n_ref = _direct_logps(ref_model, data, units)
+    assert torch.equal(n, n_ref) and (n[:, 0] != n[:, 1]).any()  # chosen and rejected lengths differ
+    table = torch.zeros(2 * len(data.units))
+    table[2 * batch["units"]], table[2 * batch["units"] + 1] = ref[:, 0], ref[:, 1]
+
+    kw = {"label_smoothing": 0.2} if loss_type == "robust" else {}
+    p = PreferenceConfig(loss_type=loss_type, ipo_normalize=normalize, beta=0.5, **kw)
+    out = make_loss_fn("dpo", p, Reference(table=table))(policy, batch)
+    pc, pr, rc, rr = pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1]
+    if loss_type == "ipo" and normalize:
+        want = losses.ipo_loss(pc / n[:, 0], pr / n[:, 1], rc / n[:, 0], rr / n[:, 1], 0.5)
+        other = losses.ipo_loss(pc, pr, rc, rr, 0.5)
+    elif loss_type == "ipo":
+        want = losses.ipo_loss(pc, pr, rc, rr, 0.5)
+        other = losses.ipo_loss(pc / n[:, 0], pr / n[:, 1], rc / n[:, 0], rr / n[:, 1], 0.5)
+    elif loss_type == "robust":
+        want = losses.robust_dpo_loss(pc, pr, rc, rr, 0.5, 0.2)
+        other = losses.dpo_loss(pc, pr, rc, rr, 0.5, 0.2)  # cDPO with the same eps differs
+    else:
+        want = losses.hinge_loss(pc, pr, rc, rr, 0.5)
+        other = losses.dpo_loss(pc, pr, rc, rr, 0.5)
+    assert out.n_targets == len(units)
+    assert float(out.loss_sum.detach()) == pytest.approx(float(want.sum()), rel=1e-4, abs=1e-5)
+    assert abs(float(want.sum()) - float(other.sum())) > 1e-3  # the variant really matters here
+    assert out.loss_sum.requires_grad
+    reward_c, reward_r = losses.dpo_rewards(pc, pr, rc, rr, 0.5)  # rewards always on summed log-ratios
+    assert out.metrics["reward_margin"] == pytest.approx(float((reward_c - reward_r).mean()), abs=1e-4)
+    assert out.metrics["logp_chosen"] == pytest.approx(float(pc.mean()), abs=1e-3)
