@@ -130,6 +130,8 @@ class PreferenceConfig(_Section):
                                    "robust DPO, SimPO).")
     ipo_normalize: bool = Field(True, description="IPO on mean per-token log-ratios (as TRL); false = sums "
                                 "(as the paper).")
+    rpo_alpha: float = Field(0.0, ge=0.0, description="dpo only: add this x the chosen reply's mean token "
+                             "NLL to the loss (RPO, Pang et al. 2024; TRL's rpo_alpha); 0 = plain DPO.")
     simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma.")
     orpo_lambda: float = Field(0.1, ge=0.0, description="Weight of ORPO's odds-ratio term.")
     kto_desirable_weight: float = Field(1.0, gt=0.0, description="KTO lambda_D.")
@@ -289,6 +291,9 @@ class RunConfig(_Section):
         if self.method == "ppo" and self.rl.sampling_rounds > 1:
             raise ValueError("rl.sampling_rounds filters GRPO groups by reward variance; PPO has no groups "
                              "(use method: grpo, or sampling_rounds: 1)")
+        if self.preference.rpo_alpha and self.method != "dpo":
+            raise ValueError(f"preference.rpo_alpha adds an NLL term to DPO; method {self.method} does not use it "
+                             "(ORPO has its NLL term built in; remove rpo_alpha or use method: dpo)")
         if self.distill.teacher_logits == "cache" and self.distill.top_k is None:
             raise ValueError("distill.teacher_logits: cache stores top-k log-probs; set distill.top_k (e.g. 32)")
         if self.train.optimizer == "muon" and self.lora.enabled:

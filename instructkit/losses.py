@@ -178,6 +178,22 @@ def orpo_loss(chosen_nll: torch.Tensor, avg_chosen: torch.Tensor, avg_rejected: 
     return chosen_nll + lam * orpo_odds_ratio_loss(avg_chosen, avg_rejected)
 
 
+def rpo_loss(preference_loss: torch.Tensor, chosen_nll: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A DPO-family loss plus ``alpha`` x the chosen reply's mean token NLL, per pair.
+
+    Pang et al. 2024, "Iterative Reasoning Preference Optimization" (Eq. 3: DPO + NLL of the winning
+    sequence, normalised by its length); TRL's ``rpo_alpha``. Plain DPO can meet its objective by pushing
+    the rejected reply down while the chosen one loses likelihood too, which lowers what greedy decoding
+    produces; the NLL term keeps the chosen reply's probability up. ``alpha`` = 0 is the plain loss.
+
+    Args:
+        preference_loss: (B,) per-pair loss of the DPO variant.
+        chosen_nll: (B,) mean token NLL of the chosen response.
+        alpha: Weight of the NLL term.
+    """
+    return preference_loss + alpha * chosen_nll
+
+
 def kto_kl_estimate(policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
     """KTO's reference point z0: the batch's mean ``log pi - log ref`` on mismatched pairs, >= 0, detached.
 

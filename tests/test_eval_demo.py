@@ -210,6 +210,7 @@ def test_demo_pipeline_end_to_end_at_miniature_scale(tmp_path):
     assert set(again["preference"]) == {"dpo", "reward"}
     assert 0.0 <= again["preference"]["reward"]["eval_accuracy"] <= 1.0
     # The demo's reward model scores head + the backbone's reply log-probability, and says so on disk.
+    assert "rpo_alpha: 1.0" in (tmp_path / "demo2/dpo/config.yaml").read_text()  # DPO + NLL of the chosen reply
     info = json.loads((tmp_path / "demo2/reward/final/instructkit.json").read_text())
     assert info["reward_logprob_coef"] == 0.5
     md2, _ = write_report(tmp_path / "demo2", again, ["instructkit demo --with dpo,reward"])

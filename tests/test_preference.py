@@ -667,3 +667,19 @@ def test_dpo_loss_types_in_training_path_match_pure_losses(loss_type, normalize,
     reward_c, reward_r = losses.dpo_rewards(pc, pr, rc, rr, 0.5)  # rewards always on summed log-ratios
     assert out.metrics["reward_margin"] == pytest.approx(float((reward_c - reward_r).mean()), abs=1e-4)
     assert out.metrics["logp_chosen"] == pytest.approx(float(pc.mean()), abs=1e-3)
+
+
+def test_rpo_alpha_adds_chosen_mean_nll_in_the_training_loss(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """pair_loss with rpo_alpha = plain DPO per pair + alpha x the chosen reply's mean token NLL."""
+    from instructkit.config import PreferenceConfig
+    from instructkit.methods.preference import pair_loss
+
+    sums, counts = torch.tensor([[-4.0, -9.0], [-6.0, -2.0]]), torch.tensor([[2.0, 3.0], [4.0, 1.0]])
+    ref = torch.tensor([[-5.0, -8.0], [-6.0, -3.0]])
+    plain, _ = pair_loss("dpo", PreferenceConfig(), sums, counts, ref, {})
+    rpo, metrics = pair_loss("dpo", PreferenceConfig(rpo_alpha=0.5), sums, counts, ref, {})
+    assert torch.allclose(rpo - plain, 0.5 * torch.tensor([2.0, 1.5]))  # NLL = -sum / count of the chosen side
+    assert metrics["nll_chosen"] == pytest.approx(1.75)
+    with pytest.raises(Exception, match="rpo_alpha"):
+        load_config(raw={"method": "orpo", "model": {"name_or_path": str(tiny_model_dir)},
+                         "data": {"train": "x.jsonl"}, "preference": {"rpo_alpha": 1.0}})

@@ -146,3 +146,17 @@ def test_sequence_sums_and_chunked_logprobs():
     for s in range(3):
         assert float(sums[s]) == pytest.approx(float(full[ids == s].sum()), abs=1e-5)
     assert float(sums[3]) == 0.0
+
+
+def test_rpo_adds_the_chosen_nll_to_dpo():
+    # Equal log-ratios: DPO = ln 2; chosen mean NLL 0.5, alpha 1 -> ln 2 + 0.5 = 1.193147; alpha 0 -> DPO.
+    from instructkit.losses import rpo_loss
+
+    dpo = dpo_loss(t(-3.0), t(-5.0), t(-3.0), t(-5.0), beta=0.1)
+    assert float(rpo_loss(dpo, t(0.5), 1.0)) == pytest.approx(1.193147, abs=1e-6)
+    assert float(rpo_loss(dpo, t(0.5), 0.0)) == pytest.approx(math.log(2), abs=1e-6)
+    # Gradient on the chosen mean log-prob (summed = 4 x mean): DPO part at h = 0 is -beta sigmoid(0) 4 = -0.2,
+    # the NLL part -alpha = -2: the term pushes the chosen reply's likelihood up on its own.
+    avg_c = t(-0.5).requires_grad_()
+    rpo_loss(dpo_loss(avg_c * 4, t(-5.0), t(-2.0), t(-5.0), beta=0.1), -avg_c, 2.0).sum().backward()
+    assert float(avg_c.grad) == pytest.approx(-0.2 - 2.0, abs=1e-6)

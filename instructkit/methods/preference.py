@@ -1,4 +1,4 @@
-"""Preference optimisation: DPO (and cDPO, robust DPO, IPO, hinge), SimPO, ORPO and KTO, read top to bottom.
+"""Preference optimisation: DPO (cDPO, robust, IPO, hinge; RPO with an NLL term), SimPO, ORPO and KTO, top to bottom.
 
 setup: seed, tokenizer and template, pairs (validated, encoded with one shared prompt rendering,
        truncated keeping the prompt's end), batches of whole pairs (packed or padded), model
@@ -49,6 +49,8 @@ def pair_loss(method: str, p: PreferenceConfig, sums: torch.Tensor, counts: torc
             loss = losses.hinge_loss(pc, pr, rc, rr, beta)
         else:
             loss = losses.dpo_loss(pc, pr, rc, rr, beta, p.label_smoothing)
+        if p.rpo_alpha:
+            loss = losses.rpo_loss(loss, -avg[:, 0], p.rpo_alpha)
         reward_c, reward_r = losses.dpo_rewards(pc, pr, rc, rr, beta)
     elif method == "simpo":
         loss = losses.simpo_loss(avg[:, 0], avg[:, 1], beta, p.simpo_gamma, p.label_smoothing)
@@ -62,7 +64,7 @@ def pair_loss(method: str, p: PreferenceConfig, sums: torch.Tensor, counts: torc
                "reward_margin": float((reward_c - reward_r).mean()),
                "accuracy": float((reward_c > reward_r).float().mean()),
                "logp_chosen": float(pc.detach().mean()), "logp_rejected": float(pr.detach().mean())}
-    if method == "orpo":
+    if method == "orpo" or p.rpo_alpha:
         metrics["nll_chosen"] = float(-avg[:, 0].detach().mean())
     return loss, metrics
 
