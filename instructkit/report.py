@@ -113,10 +113,11 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
     pref = summary.get("preference") or {}
     if pref:
         md += ["## Preference stages (held-out preference pairs)", "",
-               "DPO and ORPO start from the full SFT model and train on the curriculum's preference pairs "
-               "(verified answer vs a realistic mistake); the reward model is the SFT model's backbone with a "
-               "scalar head. Accuracy here is the share of held-out pairs where the chosen reply wins (implicit "
-               "reward for DPO/ORPO, the head's score for the reward model); task accuracy is in the tables above.",
+               "DPO (with RPO's NLL term on the chosen reply) and ORPO start from the full SFT model and train on "
+               "the curriculum's preference pairs (verified answer vs a realistic mistake); the reward model is "
+               "the SFT model's backbone with a scalar head, scoring head + 0.5 x the reply's log-probability. "
+               "Accuracy here is the share of held-out pairs where the chosen reply wins (implicit reward for "
+               "DPO/ORPO, the score for the reward model); task accuracy is in the tables above.",
                "", "| stage | final train loss | held-out pair loss | held-out pair accuracy | held-out margin |",
                "|---|---:|---:|---:|---:|"]
         for name, m in pref.items():

@@ -134,17 +134,23 @@ def test_packed_and_padded_logps_agree_with_direct_computation(skills, tiny_mode
         assert float(got[True][s]) == pytest.approx(float(direct), abs=1e-3)
 
 
-def test_reward_head_same_in_shared_and_padded_layouts(skills, tiny_model_dir, tiny_tokenizer):
+def _validation_pairs_and_reward_model(skills, model_dir, tokenizer):
+    """The skills validation pairs (max_length 128) and a fresh seeded reward model on ``model_dir``."""
     from transformers import AutoModelForSequenceClassification
 
-    from instructkit.models import unit_rewards
-
-    tmpl = resolve_template(tiny_tokenizer, "auto")
-    data = load_pair_data(data_cfg(skills / "preference_validation.jsonl", max_length=128), tiny_tokenizer, tmpl,
+    tmpl = resolve_template(tokenizer, "auto")
+    data = load_pair_data(data_cfg(skills / "preference_validation.jsonl", max_length=128), tokenizer, tmpl,
                           seed=0)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1,
-                                                               pad_token_id=tiny_tokenizer.pad_token_id).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
+                                                               pad_token_id=tokenizer.pad_token_id).eval()
+    return data, model
+
+
+def test_reward_head_same_in_shared_and_padded_layouts(skills, tiny_model_dir, tiny_tokenizer):
+    from instructkit.models import unit_rewards
+
+    data, model = _validation_pairs_and_reward_model(skills, tiny_model_dir, tiny_tokenizer)
     got = {}
     for packing in (True, False):
         table = torch.zeros(2 * data.n_train)
@@ -174,18 +180,11 @@ def _untied_copy(model_dir: Path, out: Path) -> Path:
 @pytest.mark.parametrize("tied", [True, False])
 def test_reward_logprob_term_adds_the_replys_logprob(tied, skills, tiny_model_dir, tiny_tokenizer, tmp_path):
     """score = head(last hidden) + coef * summed reply log-prob of the causal LM, in both layouts."""
-    from transformers import AutoModelForSequenceClassification
-
     from instructkit.config import ModelConfig
     from instructkit.models import output_head_weight, set_logprob_term, unit_rewards
 
     model_dir = tiny_model_dir if tied else _untied_copy(tiny_model_dir, tmp_path / "untied")
-    tmpl = resolve_template(tiny_tokenizer, "auto")
-    data = load_pair_data(data_cfg(skills / "preference_validation.jsonl", max_length=128), tiny_tokenizer, tmpl,
-                          seed=0)
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
-                                                            pad_token_id=tiny_tokenizer.pad_token_id).eval()
+    data, rm = _validation_pairs_and_reward_model(skills, model_dir, tiny_tokenizer)
     causal = _model(model_dir)
     weight = output_head_weight(rm, ModelConfig(name_or_path=str(model_dir)), torch.device("cpu"))
     assert (weight is rm.get_input_embeddings().weight) == tied
@@ -238,17 +237,23 @@ def test_reward_logprob_term_through_cli_and_score(tmp_path, tiny_model_dir, ski
     assert not (tmp_path / "t" / "run-reward" / "final" / "lm_head.safetensors").exists()
 
 
+def _reference_and_nudged_policy(model_dir):
+    """The tiny model as a reference, and a copy with seeded noise (std 0.02) added to every weight."""
+    ref = _model(model_dir)
+    policy = copy.deepcopy(ref)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return ref, policy
+
+
 def test_dpo_loss_matches_trl(skills, tiny_model_dir, tiny_tokenizer, tmp_path):
     """Same model, same batch (TRL's own collated batch): instructkit's log-probs + DPO loss = TRL's."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    policy = _model(tiny_model_dir)
-    ref = copy.deepcopy(policy)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    ref, policy = _reference_and_nudged_policy(tiny_model_dir)
     recs = [json.loads(x) for x in (skills / "preference.jsonl").read_text().splitlines()[:6]]
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                              "chosen": [{"role": "assistant", "content": r["chosen"]}],
@@ -631,12 +636,7 @@ def test_dpo_loss_types_in_training_path_match_pure_losses(loss_type, normalize,
     from instructkit.reference import Reference
 
     data, batch = _pair_batch(tmp_path, tiny_tokenizer)
-    ref_model = _model(tiny_model_dir)
-    policy = copy.deepcopy(ref_model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    ref_model, policy = _reference_and_nudged_policy(tiny_model_dir)
     units = batch["units"].tolist()
     pol, n = _direct_logps(policy, data, units)
     ref, n_ref = _direct_logps(ref_model, data, units)
