@@ -109,6 +109,14 @@ def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs
 
 
 PREFERENCE_STAGES = ("dpo", "orpo", "reward")
+# Plain DPO lowers the demo's validation exact match (30.6% -> 23.1%): held-out chosen replies lose
+# likelihood along with the rejected ones. RPO's NLL term on the chosen reply keeps it (32.0%).
+DPO_RPO_ALPHA = 1.0
+# The SFT backbone's own likelihood already ranks 88% of the held-out pairs right; a head trained from
+# scratch on one epoch of pairs reaches 73-74% and loses that. Head + 0.5 x reply log-prob: 91.1-92.4%
+# over three seeds, and 90.2-91.5% with 1 x (bench/RESULTS.md, "Reward model: the backbone's own
+# likelihood as a prior").
+REWARD_LOGPROB_COEF = 0.5
 
 
 def preference_run(method: str, start: Path, data_dir: Path, out: Path, seed: int, epochs: float = 1.0) -> Path:
@@ -126,15 +134,9 @@ def preference_run(method: str, start: Path, data_dir: Path, out: Path, seed: in
         "preference": {"beta": 0.1, "orpo_lambda": 0.5, "reference_cache": str(out / "reference-cache")},
     }
     if method == "dpo":
-        # Plain DPO lowers the demo's validation exact match (30.6% -> 23.1%): held-out chosen replies lose
-        # likelihood along with the rejected ones. RPO's NLL term on the chosen reply keeps it (32.0%).
-        raw["preference"]["rpo_alpha"] = 1.0
+        raw["preference"]["rpo_alpha"] = DPO_RPO_ALPHA
     if method == "reward":
-        # The SFT backbone's own likelihood already ranks 88% of the held-out pairs right; a head trained
-        # from scratch on one epoch of pairs reaches 73-74% and loses that. Head + 0.5 x reply log-prob:
-        # 91.1-92.4% over three seeds, and 90.2-91.5% with 1 x (bench/RESULTS.md, "Reward model: the
-        # backbone's own likelihood as a prior").
-        raw["preference"]["reward_logprob_coef"] = 0.5
+        raw["preference"]["reward_logprob_coef"] = REWARD_LOGPROB_COEF
 
     (reward if method == "reward" else preference).main(load_config(raw=raw))
     return out / method / "final"

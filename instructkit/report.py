@@ -112,11 +112,13 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
     md += ["", "![accuracy](accuracy.png)", "", "![loss curves](loss_curves.png)", ""]
     pref = summary.get("preference") or {}
     if pref:
+        from instructkit.demo import DPO_RPO_ALPHA, REWARD_LOGPROB_COEF
+
         md += ["## Preference stages (held-out preference pairs)", "",
-               "DPO (with RPO's NLL term on the chosen reply) and ORPO start from the full SFT model and train on "
-               "the curriculum's preference pairs (verified answer vs a realistic mistake); the reward model is "
-               "the SFT model's backbone with a scalar head, scoring head + 0.5 x the reply's log-probability. "
-               "Accuracy here is the share of held-out pairs where the chosen reply wins (implicit reward for "
+               f"DPO (+ {DPO_RPO_ALPHA:g} x the chosen reply's NLL, as RPO) and ORPO start from the full SFT model "
+               "and train on the curriculum's preference pairs (verified answer vs a realistic mistake); the reward "
+               f"model is the SFT model's backbone with a scalar head, scoring head + {REWARD_LOGPROB_COEF:g} x the "
+               "reply's log-probability. Accuracy here is the share of held-out pairs where the chosen reply wins (implicit reward for "
                "DPO/ORPO, the score for the reward model); task accuracy is in the tables above.",
                "", "| stage | final train loss | held-out pair loss | held-out pair accuracy | held-out margin |",
                "|---|---:|---:|---:|---:|"]
