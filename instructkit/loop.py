@@ -484,8 +484,8 @@ def train_loop(
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 \
         else nullcontext
     if main and device.type == "cpu" and not use_bf16 and cfg.bf16 == "auto" and _bf16_would_pay(model):
-        print("note: this CPU has native bf16 units (AMX or AVX512-BF16); train.bf16: true (bf16 autocast, fp32 master weights) "
-              "trains a model this size about 1.6-2x faster here", file=sys.stderr)
+        print("note: this CPU has native bf16 units (AMX or AVX512-BF16); train.bf16: true (bf16 autocast, "
+              "fp32 master weights) trains a model this size about 1.6-2x faster here", file=sys.stderr)
     progress = Progress(total_steps, state["global_step"], cfg.progress and main)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()

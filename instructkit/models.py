@@ -136,6 +136,11 @@ def peft_base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def ties_embeddings(model) -> bool:
+    """Whether the model's output head is its input embedding table (looking through a peft wrapper)."""
+    return bool(getattr(peft_base(model).config, "tie_word_embeddings", False))
+
+
 def output_head_weight(model, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
     """The (V, H) output projection that belongs to a reward model's backbone.
 
@@ -147,7 +152,7 @@ def output_head_weight(model, cfg: ModelConfig, device: torch.device) -> torch.T
     """
     base = peft_base(model)
     embeddings = base.get_input_embeddings().weight
-    if getattr(base.config, "tie_word_embeddings", False):
+    if ties_embeddings(model):
         return embeddings
     from transformers import AutoModelForCausalLM
 
@@ -236,17 +241,25 @@ def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ``(logits, targets)``: (N, V) logits predicting each of the N target tokens, and (N,) ids.
     """
     base, decoder, head = _decoder_and_head(model)
+    return _logits_at_targets(base, _hidden_states(base, decoder, batch), batch["labels"], head)
+
+
+def _hidden_states(base, decoder, batch: dict) -> torch.Tensor:
+    """The decoder's last hidden states for a padded or packed batch."""
     mask = batch.get("attention_mask")
     if mask is not None and mask.dim() == 4 and "flash" in str(getattr(base.config, "_attn_implementation", "")):
         # FlashAttention kernels take no dense mask: transformers derives varlen boundaries from
         # position ids restarting at 0, which is exactly how packed rows are laid out.
         mask = None
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
-                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-    labels = batch["labels"]
+    return decoder(input_ids=batch["input_ids"], attention_mask=mask,
+                   position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+
+
+def _logits_at_targets(base, hidden: torch.Tensor, labels: torch.Tensor,
+                       project) -> tuple[torch.Tensor, torch.Tensor]:
+    """``project`` (hidden -> vocab) applied only where a label exists, with the model's logit softcap."""
     select = labels[:, 1:] != -100  # position t predicts token t+1
-    h = hidden[:, :-1][select]
-    logits = head(h)
+    logits = project(hidden[:, :-1][select])
     softcap = getattr(base.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -326,11 +339,7 @@ def last_token_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ``(seq_ids, scores)``: the ``example_index`` value of each sequence and its float32 score.
     """
     base = peft_base(model)
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 4 and "flash" in str(getattr(base.config, "_attn_implementation", "")):
-        mask = None
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
-                                position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    hidden = _hidden_states(base, base.get_decoder(), batch)
     idx = batch["example_index"]
     nxt = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)
     last = (idx >= 0) & (idx != nxt)  # the last position of each sequence
@@ -339,17 +348,11 @@ def last_token_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if term is None or not term[0]:
         return seq_ids, scores
     coef, weight = term
-    labels = batch["labels"][:, 1:]
-    select = labels != -100  # position t predicts token t+1
-    logits = hidden[:, :-1][select] @ weight.to(hidden.dtype).t()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    token_lp = token_logprobs(logits, labels[select])
+    logits, targets = _logits_at_targets(base, hidden, batch["labels"], lambda h: h @ weight.to(h.dtype).t())
     order = torch.argsort(seq_ids)
-    slot = order[torch.searchsorted(seq_ids[order], idx[:, 1:][select])]  # each target token's sequence
-    sums = torch.zeros_like(scores).index_add(0, slot, token_lp.to(scores.dtype))
-    return seq_ids, scores + coef * sums
+    target_seq = idx[:, 1:][batch["labels"][:, 1:] != -100]
+    slot = order[torch.searchsorted(seq_ids[order], target_seq)]  # each target token's place in ``scores``
+    return seq_ids, scores + coef * sequence_logprob_sums(token_logprobs(logits, targets), slot, scores.numel())
 
 
 def unit_rewards(model, batch: dict) -> torch.Tensor:

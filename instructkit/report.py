@@ -118,8 +118,8 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
                f"DPO (+ {DPO_RPO_ALPHA:g} x the chosen reply's NLL, as RPO) and ORPO start from the full SFT model "
                "and train on the curriculum's preference pairs (verified answer vs a realistic mistake); the reward "
                f"model is the SFT model's backbone with a scalar head, scoring head + {REWARD_LOGPROB_COEF:g} x the "
-               "reply's log-probability. Accuracy here is the share of held-out pairs where the chosen reply wins (implicit reward for "
-               "DPO/ORPO, the score for the reward model); task accuracy is in the tables above.",
+               "reply's log-probability. Accuracy here is the share of held-out pairs where the chosen reply wins "
+               "(implicit reward for DPO/ORPO, the score for the reward model); task accuracy is in the tables above.",
                "", "| stage | final train loss | held-out pair loss | held-out pair accuracy | held-out margin |",
                "|---|---:|---:|---:|---:|"]
         for name, m in pref.items():

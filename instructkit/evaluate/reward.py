@@ -20,7 +20,7 @@ from instructkit.data.errors import DataError
 from instructkit.data.formats import detect_file_format, load_examples
 from instructkit.data.packing import collate_padded
 from instructkit.models import (ModelError, last_token_scores, load_tokenizer, peft_base, pick_device, resolve_dtype,
-                                set_logprob_term)
+                                set_logprob_term, ties_embeddings)
 
 
 def load_reward_model(path: str | Path):
@@ -58,7 +58,7 @@ def load_reward_model(path: str | Path):
             from safetensors.torch import load_file
 
             weight = load_file(str(head_file))["weight"].to(device)
-        elif getattr(peft_base(model).config, "tie_word_embeddings", False):
+        elif ties_embeddings(model):
             weight = peft_base(model).get_input_embeddings().weight
         else:
             raise ModelError(f"'{path}' was trained with reward_logprob_coef {coef:g} but its LM head "

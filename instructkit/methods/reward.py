@@ -23,8 +23,8 @@ from instructkit.data.pipeline import prepare_template
 from instructkit.distributed import is_main_process
 from instructkit.loop import LoopResult, StepOutput, evaluate_steps, start_run, train_loop
 from instructkit.losses import bradley_terry_loss
-from instructkit.models import (count_trainable, load_model, load_tokenizer, output_head_weight, peft_base,
-                                save_final, set_logprob_term, unit_rewards)
+from instructkit.models import (count_trainable, load_model, load_tokenizer, output_head_weight, save_final,
+                                set_logprob_term, ties_embeddings, unit_rewards)
 
 
 def main(cfg: RunConfig) -> LoopResult:
@@ -84,7 +84,7 @@ def main(cfg: RunConfig) -> LoopResult:
             "seconds": round(elapsed, 2), "final_metrics": result.final_metrics,
             "reward_logprob_coef": p.reward_logprob_coef}
     # An untied head is not part of a sequence-classification model's files: store it beside them.
-    frozen_head = head_weight is not None and not getattr(peft_base(model).config, "tie_word_embeddings", False)
+    frozen_head = head_weight is not None and not ties_embeddings(model)
     final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info,
                        extra_tensors={"lm_head.safetensors": {"weight": head_weight}} if frozen_head else None)
     if not is_main_process():  # under torchrun, rank 0 reports and writes the summary
