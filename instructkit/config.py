@@ -214,6 +214,10 @@ class RLConfig(_Section):
                                  "no learning signal) are set aside and fresh prompts are sampled until "
                                  "prompts_per_rollout groups have reward variance (DAPO's dynamic sampling); set-"
                                  "aside groups fill what the last round leaves short. 1 = plain GRPO.")
+    negative_weight: float = Field(1.0, ge=0.0, le=1.0, description="Scale of negative advantages (grpo: "
+                                   "after group normalisation; ppo: per token, after whitening). 1 = the plain "
+                                   "method; below 1, completions worse than expected are pushed down less than "
+                                   "better ones are pushed up; 0 = learn only from the better completions.")
     rollout_epochs: int = Field(1, gt=0, description="Passes over each rollout (PPO/GRPO mu).")
     max_new_tokens: int = Field(64, gt=0, description="Completion length limit.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")

@@ -537,6 +537,26 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return centred.reshape(-1)
 
 
+def weight_negative_advantages(advantages: torch.Tensor, weight: float) -> torch.Tensor:
+    """Asymmetric advantages: negative entries times ``weight`` (in [0, 1]), positive ones unchanged.
+
+    The policy gradient then pushes the probability of a below-expectation completion down by
+    ``weight`` times as much as a plain update would, while above-expectation completions are
+    reinforced in full. ``weight`` = 1 is the plain method; 0 learns only from the better completions
+    (for 0/1 rewards, rejection-sampling fine-tuning with GRPO's weights). Zhu et al. 2025 ("The
+    Surprising Effectiveness of Negative Reinforcement in LLM Reasoning") study both halves: positive
+    samples sharpen the greedy answer, negative ones keep the distribution broad. On a model too small
+    to spare capacity, pushing down sampled wrong answers spills into other tasks (bench/RESULTS.md).
+
+    Example: ``[1.5, -0.5, -0.5, -0.5]`` with weight 0.25 gives ``[1.5, -0.125, -0.125, -0.125]``.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    if weight == 1.0:
+        return advantages
+    return torch.where(advantages < 0, advantages * weight, advantages)
+
+
 GRPO_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo")
 
 

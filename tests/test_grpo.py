@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from instructkit.synth.skills import write_skills
@@ -135,3 +136,13 @@ def test_dynamic_sampling_keeps_groups_with_reward_variance(monkeypatch, tmp_pat
     assert rounds == 1 and [g[0][0][0] for g in groups] == ro.prompt_indices(40, 4, 1, 0)
     with pytest.raises(Exception, match="sampling_rounds"):
         load_config(_config(tmp_path, tiny_model_dir, skills), ["method=ppo", "rl.sampling_rounds=2"])
+
+    # rl.negative_weight scales the negative advantages of every group; positive ones are untouched.
+    groups, _, _, _ = Rollouts(cfg, None, None, P, reward, None, None)._sample_groups(epoch=1)
+    down = load_config(_config(tmp_path, tiny_model_dir, skills),
+                       ["rl.prompts_per_rollout=4", "rl.sampling_rounds=3", "rl.negative_weight=0.25"])
+    weighted, _, _, _ = Rollouts(down, None, None, P, reward, None, None)._sample_groups(epoch=1)
+    assert [g[0] for g in weighted] == [g[0] for g in groups]
+    for g, w in zip(groups, weighted):
+        assert torch.allclose(w[2], torch.where(g[2] < 0, 0.25 * g[2], g[2]))
+    assert any(float(g[2].min()) < 0 for g in groups)  # the check above is not vacuous

@@ -116,3 +116,37 @@ def test_ppo_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
         assert [x[key] for x in resumed] == [x[key] for x in straight], key
     assert straight[2]["kl_coef"] != straight[0]["kl_coef"]  # the controller moved, so the check is not trivial
     assert straight[2]["kl_ref"] > 0
+
+
+def test_negative_weight_scales_the_whitened_advantages(tmp_path, tiny_model_dir):
+    """rl.negative_weight multiplies PPO's negative per-token advantages after whitening: the same rollout
+    (same seed, same policy) built with weight 0.5 equals the plain one with its negative entries halved."""
+    import torch
+
+    from instructkit import rollout as ro
+    from instructkit.config import load_config
+    from instructkit.data.pipeline import prepare_template
+    from instructkit.methods.ppo import Rollouts, attach_value_head
+    from instructkit.models import load_model, load_tokenizer
+
+    skills = write_skills(tmp_path / "skills", seed=0, n_train=40, n_val=62, n_heldout_phrasing=31,
+                          n_heldout_family=8, n_corpus=100)
+    raw = {"method": "ppo", "seed": 0, "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tiny_model_dir)},
+           "data": {"train": str(skills / "train.jsonl"), "max_length": 256},
+           "train": {"micro_batch_size": 4}, "rl": {"prompts_per_rollout": 8, "max_new_tokens": 6, "kl_coef": 0.0}}
+
+    def advantages(weight: float) -> torch.Tensor:
+        cfg = load_config(raw={**raw, "rl": {**raw["rl"], "negative_weight": weight}})
+        tok = load_tokenizer(cfg.model)
+        template, _ = prepare_template(tok, cfg.data)
+        reward_fn, prompts, _ = ro.load_rl_data(cfg, tok, template)
+        torch.manual_seed(0)
+        model = load_model(cfg.model, cfg.lora, torch.device("cpu"))
+        attach_value_head(model)
+        micro = Rollouts(cfg, model, tok, prompts, lambda recs, msgs, texts: [len(t) / 10 for t in texts], None,
+                         torch.device("cpu"))(0)
+        return torch.cat([b["advantages"][b["completion_mask"].bool()] for b in micro])
+
+    plain, half = advantages(1.0), advantages(0.5)
+    assert (plain < 0).any() and (plain > 0).any()
+    assert torch.allclose(half, torch.where(plain < 0, 0.5 * plain, plain))

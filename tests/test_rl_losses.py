@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from instructkit.losses import (AdaptiveKLController, aggregate_token_loss, gae, group_advantages, kl_estimate,
-                                masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
+                                masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
+                                weight_negative_advantages)
 
 
 def test_gae_three_steps_by_hand():
@@ -125,6 +126,23 @@ def test_group_advantages_by_hand():
                           torch.tensor([0.75, -0.25, -0.25, -0.25]))
     with pytest.raises(ValueError, match="multiple of group_size"):
         group_advantages(torch.zeros(5), group_size=4)
+
+
+def test_weight_negative_advantages_by_hand():
+    adv = torch.tensor([1.5, -0.5, -0.5, -0.5])
+    assert torch.allclose(weight_negative_advantages(adv, 0.25), torch.tensor([1.5, -0.125, -0.125, -0.125]))
+    assert torch.equal(weight_negative_advantages(adv, 0.0), torch.tensor([1.5, 0.0, 0.0, 0.0]))
+    assert weight_negative_advantages(adv, 1.0) is adv  # the plain method: untouched
+    # Per token (PPO's (B, T) layout), zeros at padding stay zero.
+    tok = torch.tensor([[0.4, -2.0, 0.0], [-1.0, 1.0, 0.0]])
+    assert torch.allclose(weight_negative_advantages(tok, 0.5), torch.tensor([[0.4, -1.0, 0.0], [-0.5, 1.0, 0.0]]))
+    # With weight 0 the policy-gradient loss at ratio 1 only raises the better completion's log-prob.
+    logp = torch.zeros(4, 1, requires_grad=True)
+    loss, _ = ppo_policy_loss(logp, logp.detach(), weight_negative_advantages(adv, 0.0)[:, None])
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.5], [0.0], [0.0], [0.0]]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        weight_negative_advantages(adv, 1.5)
 
 
 def test_aggregations():

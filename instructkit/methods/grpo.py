@@ -5,7 +5,8 @@ setup:    seed, tokenizer and template, prompts (JSONL records of ``data.train``
           ``rl.kl_coef`` > 0: adapter-disabled base under LoRA, a frozen copy otherwise)
 rollout:  one loop "epoch" = one rollout. The batch source samples ``group_size`` completions for
           each of ``prompts_per_rollout`` prompts with the *current* policy, scores them, turns the
-          rewards into group-normalised advantages (losses.group_advantages) and precomputes the
+          rewards into group-normalised advantages (losses.group_advantages; negative ones scaled
+          by ``rl.negative_weight``) and precomputes the
           old-policy and reference log-probs of every completion token, without gradients. With
           ``rl.sampling_rounds`` > 1 (DAPO dynamic sampling, Yu et al. 2025), groups whose rewards are
           all equal are set aside and more prompts are sampled until the rollout is full of groups
@@ -40,7 +41,8 @@ from instructkit.data.pipeline import prepare_template
 from instructkit.distributed import is_main_process
 from instructkit.generate import add_end_of_turn_stops
 from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
-from instructkit.losses import aggregate_token_loss, group_advantages, kl_estimate, ppo_policy_loss, token_logprobs
+from instructkit.losses import (aggregate_token_loss, group_advantages, kl_estimate, ppo_policy_loss, token_logprobs,
+                                weight_negative_advantages)
 from instructkit.models import count_trainable, load_model, load_tokenizer, save_final, target_logits
 
 
@@ -76,7 +78,7 @@ class Rollouts(ro.CarriedState):
             gens = ro.sample(self.model, self.tokenizer, ids, self.cfg, slot, batch_size=max(self.mbs, 16))
             rewards = torch.tensor(self.reward_fn([P.records[i] for i in idx], [P.messages[i] for i in idx],
                                                   [g.text for g in gens]), dtype=torch.float32)
-            adv = group_advantages(rewards, G, scale=rl.scale_rewards)
+            adv = weight_negative_advantages(group_advantages(rewards, G, scale=rl.scale_rewards), rl.negative_weight)
             all_rewards.append(rewards)
             all_gens += gens
             for s in range(0, len(idx), G):

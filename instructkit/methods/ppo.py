@@ -7,7 +7,8 @@ setup:    seed, tokenizer and template, prompts, the reward (a reward-model fold
 rollout:  one loop "epoch" = one rollout: one sampled completion per prompt; its score (minus
           ``missing_stop_penalty`` when it never stopped; optionally whitened) is the reward of the last
           completion token, every token also gets ``-kl_coef * KL(pi || ref)``; GAE gives advantages
-          (whitened over the rollout) and value targets. Old log-probs and values are computed here,
+          (whitened over the rollout; negative ones then scaled by ``rl.negative_weight``) and value
+          targets. Old log-probs and values are computed here,
           without gradients
 train:    the shared loop, ``rl.rollout_epochs`` passes over the rollout's micro-batches; per token
           ``clipped policy loss + vf_coef * clipped value loss``, averaged over the step's tokens
@@ -34,7 +35,7 @@ from instructkit.distributed import is_main_process
 from instructkit.generate import add_end_of_turn_stops
 from instructkit.loop import LoopResult, StepOutput, start_run, train_loop
 from instructkit.losses import (AdaptiveKLController, gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss,
-                                token_logprobs)
+                                token_logprobs, weight_negative_advantages)
 from instructkit.models import _decoder_and_head, count_trainable, load_model, load_tokenizer, save_final
 
 
@@ -144,7 +145,8 @@ class Rollouts(ro.CarriedState):
         all_adv = torch.cat([b["advantages"][b["completion_mask"].bool()] for b in micro])
         mean, std = all_adv.mean(), all_adv.std(unbiased=False)
         for b in micro:
-            b["advantages"] = (b["advantages"] - mean) / (std + 1e-8) * b["completion_mask"]
+            b["advantages"] = weight_negative_advantages((b["advantages"] - mean) / (std + 1e-8) * b["completion_mask"],
+                                                         rl.negative_weight)
         all_ret = torch.cat([b["returns"][b["completion_mask"].bool()] for b in micro])
         all_val = torch.cat([b["old_values"][b["completion_mask"].bool()] for b in micro])
         var_ret = float(all_ret.var(unbiased=False))
