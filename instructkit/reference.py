@@ -4,7 +4,8 @@ Two modes (``preference.reference``):
 
 - ``precompute`` (default): before training, one no-grad pass of the *initial* model over every
   train and eval sequence; the per-sequence sums are cached on disk under a key made of the model's
-  identity (config and weight file names, sizes and modification times) and the exact token ids and
+  identity (config and weight file names, sizes and modification times; for a hub id, the commit its
+  revision resolves to in the local Hugging Face cache) and the exact token ids and
   loss masks (which reflect data, template and truncation). A second run on the same model and data
   loads them instantly. During training the reference is a table lookup.
 - ``live``: the reference is computed every step: the same weights with LoRA adapters disabled, or,
@@ -26,13 +27,27 @@ import torch
 from instructkit.models import unit_logps
 
 
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit that ``revision`` (a branch, tag or hash; None = main) of a hub model resolves to in the
+    local Hugging Face cache, or None when the model is not cached there. No network access."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # not a valid repo id, or no huggingface_hub: the name is all we know
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None  # .../snapshots/<commit>/config.json
+
+
 def _model_fingerprint(name_or_path: str, revision: str | None) -> dict:
     from instructkit.gguf import resolve_model_path
 
     # A GGUF file is identified by its converted folder, whose name carries the file's content hash.
     path = Path(resolve_model_path(name_or_path))
     if not path.is_dir():
-        return {"hub_id": name_or_path, "revision": revision}
+        # A hub id: a branch such as "main" moves when the repo is updated, so the commit it resolves to in the
+        # local cache is part of the identity (a cache made from the old weights is then not reused).
+        return {"hub_id": name_or_path, "revision": revision, "commit": hub_commit(name_or_path, revision)}
     files = {}
     for f in sorted(path.iterdir()):
         if f.suffix in (".safetensors", ".bin", ".gguf", ".pt") or f.name == "config.json":

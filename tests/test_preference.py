@@ -458,6 +458,33 @@ def test_reference_cache_key_tracks_model_data_template_and_truncation(tmp_path,
     assert cache_key("org/model", "main", s) == cache_key("org/model", "main", s)
 
 
+def test_reference_cache_key_follows_the_commit_a_hub_branch_resolves_to(tmp_path, monkeypatch):
+    """A hub id's branch moves when the repo is updated: the key follows the commit that the branch resolves to
+    in the local Hugging Face cache, so reference log-probs of the old weights are not reused."""
+    import huggingface_hub.constants as hub_constants
+
+    from instructkit.data.encode import EncodedExample
+    from instructkit.reference import cache_key, hub_commit
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--model"
+    old, new = "a" * 40, "b" * 40
+    for commit in (old, new):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    seqs = [EncodedExample([1, 2, 3], [-100, 2, 3])]
+
+    assert hub_commit("org/other", None) is None  # not cached: the name and revision are all the key has
+    (repo / "refs" / "main").write_text(old)
+    assert hub_commit("org/model", None) == hub_commit("org/model", "main") == old
+    assert hub_commit("org/model", new) == new  # a pinned commit
+    k_old = cache_key("org/model", "main", seqs)
+    assert cache_key("org/model", "main", seqs) == k_old
+    (repo / "refs" / "main").write_text(new)  # the repo was updated and downloaded again
+    assert cache_key("org/model", "main", seqs) != k_old
+
+
 def _pair_batch(tmp_path, tiny_tokenizer, n=4):
     """One padded pair batch of ``n`` short pairs (prompts and responses of different lengths)."""
     rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
