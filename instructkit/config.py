@@ -245,6 +245,10 @@ class RLConfig(_Section):
     missing_stop_penalty: float = Field(0.0, ge=0.0, description="ppo: subtracted from the score of a completion "
                                         "that never stopped (hit max_new_tokens).")
     eval_prompts: int = Field(64, ge=0, description="Validation prompts answered greedily at each evaluation.")
+    train_probe_prompts: int = Field(0, ge=0, description="The first this-many training prompts, answered greedily "
+                                     "before training and at each evaluation: train_reward (and "
+                                     "train_reward_start in summary.json). Unlike the rollout reward it does not "
+                                     "depend on which prompts a rollout draws. 0 = off.")
     alarm_kl: float | None = Field(1.0, gt=0.0, description="Warn when the mean per-token KL to the reference "
                                    "exceeds this; null = off.")
     alarm_truncated: float | None = Field(0.5, gt=0.0, le=1.0, description="Warn when this fraction of "

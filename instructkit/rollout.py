@@ -358,3 +358,33 @@ def greedy_eval(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, max_new
     gens = generate(model, tokenizer, prompts.ids, SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size)
     r = reward_fn(prompts.records, prompts.messages, [g.text for g in gens])
     return {"eval_reward": sum(r) / len(r), "eval_completion_len": sum(len(g.token_ids) for g in gens) / len(gens)}
+
+
+def make_evaluate(tokenizer, evals: Prompts, probe: Prompts, reward_fn: RewardFn, max_new_tokens: int,
+                  batch_size: int) -> Callable | None:
+    """The RL loop's ``eval_fn``: ``eval_reward`` on the eval prompts and ``train_reward`` on a fixed probe of
+    training prompts (``rl.train_probe_prompts``), both greedy; None when there is neither."""
+    if not len(evals) and not len(probe):
+        return None
+
+    def evaluate(model) -> dict[str, float]:
+        out = greedy_eval(model, tokenizer, evals, reward_fn, max_new_tokens, batch_size) if len(evals) else {}
+        if len(probe):
+            t = greedy_eval(model, tokenizer, probe, reward_fn, max_new_tokens, batch_size)
+            out.update(train_reward=t["eval_reward"], train_completion_len=t["eval_completion_len"])
+        return out
+
+    return evaluate
+
+
+def probe_start(model, tokenizer, probe: Prompts, reward_fn: RewardFn, max_new_tokens: int, batch_size: int) -> dict:
+    """``{"train_reward_start": ...}`` of the initial policy on the probe (printed), or {} without a probe."""
+    if not len(probe):
+        return {}
+    was_training = model.training
+    model.eval()
+    r = greedy_eval(model, tokenizer, probe, reward_fn, max_new_tokens, batch_size)["eval_reward"]
+    model.train(was_training)
+    if is_main_process():
+        print(f"train probe: greedy reward {r:.3f} on {len(probe)} training prompts before training", file=sys.stderr)
+    return {"train_reward_start": r}

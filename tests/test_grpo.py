@@ -32,7 +32,7 @@ def _config(tmp_path, model_dir, skills, **rl):
 
 
 def test_grpo_cli_runs_logs_telemetry_and_saves(tmp_path, tiny_model_dir, skills):
-    cfg = _config(tmp_path, tiny_model_dir, skills, alarm_truncated=0.01)
+    cfg = _config(tmp_path, tiny_model_dir, skills, alarm_truncated=0.01, train_probe_prompts=3)
     proc = subprocess.run([sys.executable, "-m", "instructkit", "train", str(cfg)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,9 +55,12 @@ def test_grpo_cli_runs_logs_telemetry_and_saves(tmp_path, tiny_model_dir, skills
     # Step 1 is the first pass over fresh rollouts: ratio 1, nothing clipped, reference = policy.
     assert steps[0]["clip_fraction"] == 0 and abs(steps[0]["kl_ref"]) < 1e-6
     assert "eval_reward" in lines[-1]
+    # The fixed probe of training prompts: scored before training (summary) and at the final evaluation.
+    assert "train probe: greedy reward" in err and "on 3 training prompts before training" in err
+    assert 0 <= lines[-1]["train_reward"] <= 1 and "train_completion_len" in lines[-1]
     assert (run / "final" / "model.safetensors").exists() and (run / "checkpoints").exists()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "grpo" and summary["steps"] == 2
+    assert summary["method"] == "grpo" and summary["steps"] == 2 and 0 <= summary["train_reward_start"] <= 1
 
 
 def test_grpo_rejects_non_skills_records_for_the_skills_verifier(tmp_path, tiny_model_dir, skills):

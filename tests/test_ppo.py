@@ -23,7 +23,7 @@ def test_ppo_cli_runs_logs_telemetry_and_saves_value_head(tmp_path, tiny_model_d
            "data": {"train": str(skills / "train.jsonl"), "max_length": 256},
            "train": {"max_steps": 2, "micro_batch_size": 4, "grad_accum": 2, "lr": 1e-3, "progress": False},
            "rl": {"reward": "test_ppo:length_reward", "prompts_per_rollout": 8, "max_new_tokens": 8,
-                  "rollout_epochs": 2, "kl_target": 0.1, "missing_stop_penalty": 1.0}}
+                  "rollout_epochs": 2, "kl_target": 0.1, "missing_stop_penalty": 1.0, "train_probe_prompts": 2}}
     path = tmp_path / "ppo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env_path = str(__import__("pathlib").Path(__file__).parent)
@@ -32,8 +32,12 @@ def test_ppo_cli_runs_logs_telemetry_and_saves_value_head(tmp_path, tiny_model_d
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ppo: 8 completions per rollout x 2 epochs" in proc.stderr and "done: 2 steps" in proc.stderr
     run = tmp_path / "run"
-    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
     assert [s["step"] for s in steps] == [1, 2]
+    # No eval data, but a probe of training prompts: the run still evaluates it at the end.
+    assert "train probe: greedy reward" in proc.stderr and "train_reward" in lines[-1]
+    assert "train_reward_start" in json.loads((run / "summary.json").read_text())
     for s in steps:
         for key in ("score_mean", "reward_mean", "pg_loss", "value_loss", "clip_fraction", "vf_clip_fraction",
                     "approx_kl", "entropy", "kl", "kl_ref", "kl_coef", "explained_variance", "stop_fraction",

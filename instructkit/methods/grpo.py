@@ -197,13 +197,15 @@ def main(cfg: RunConfig) -> LoopResult:
     rollouts = Rollouts(cfg, model, tokenizer, prompts, reward_fn, reference, device)
     loss_fn, count_fn = make_loss_fn(cfg)
 
-    def evaluate(m) -> dict[str, float]:
-        return ro.greedy_eval(m, tokenizer, evals, reward_fn, rl.max_new_tokens, max(16, cfg.train.micro_batch_size))
+    eval_batch = max(16, cfg.train.micro_batch_size)
+    probe = prompts.head(rl.train_probe_prompts)
+    evaluate = ro.make_evaluate(tokenizer, evals, probe, reward_fn, rl.max_new_tokens, eval_batch)
+    start = ro.probe_start(model, tokenizer, probe, reward_fn, rl.max_new_tokens, eval_batch)
 
     # --- train: the shared loop; each "epoch" is one rollout
     t0 = time.perf_counter()
     result = train_loop(model=model, batches=rollouts, micro_per_epoch=rollouts.micro_per_epoch, loss_fn=loss_fn,
-                        cfg=cfg.train, out_dir=out_dir, eval_fn=evaluate if len(evals) else None,
+                        cfg=cfg.train, out_dir=out_dir, eval_fn=evaluate,
                         count_fn=count_fn, device=device, run_config=cfg.model_dump(mode="json"),
                         logging_cfg=cfg.logging,
                         unit={"grpo": "sequences", "bnpo": "tokens", "dr_grpo": "token_slots"}[rl.loss_aggregation])
@@ -214,7 +216,7 @@ def main(cfg: RunConfig) -> LoopResult:
         return result
     info = {"method": "grpo", "base_model": cfg.model.name_or_path, "lora": cfg.lora.enabled,
             "rl": rl.model_dump(mode="json"), "steps": result.global_step, "train_prompts": len(prompts),
-            "skipped": prompts.skipped + evals.skipped, "seconds": round(elapsed, 2), "final_metrics": result.final_metrics}
+            "skipped": prompts.skipped + evals.skipped, "seconds": round(elapsed, 2), **start, "final_metrics": result.final_metrics}
     final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
     if not is_main_process():
         return result
