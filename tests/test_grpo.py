@@ -57,6 +57,7 @@ def test_grpo_cli_runs_logs_telemetry_and_saves(tmp_path, tiny_model_dir, skills
     assert "eval_reward" in lines[-1]
     # The fixed probe of training prompts: scored before training (summary) and at the final evaluation.
     assert "train probe: greedy reward" in err and "on 3 training prompts before training" in err
+    assert ", train-probe reward " in err
     assert 0 <= lines[-1]["train_reward"] <= 1 and "train_completion_len" in lines[-1]
     assert (run / "final" / "model.safetensors").exists() and (run / "checkpoints").exists()
     summary = json.loads((run / "summary.json").read_text())

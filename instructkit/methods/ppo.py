@@ -247,6 +247,8 @@ def main(cfg: RunConfig) -> LoopResult:
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     fm = result.final_metrics
     print(f"done: {result.global_step} steps in {elapsed:.1f}s, last rollout reward {fm.get('reward_mean', float('nan')):.3f}"
-          + (f", eval reward {fm['eval_reward']:.3f}" if "eval_reward" in fm else "") + f"; saved {final}",
+          + (f", eval reward {fm['eval_reward']:.3f}" if "eval_reward" in fm else "")
+          + (f", train-probe reward {start['train_reward_start']:.3f} -> {fm['train_reward']:.3f}"
+             if "train_reward" in fm and start else "") + f"; saved {final}",
           file=sys.stderr)
     return result
