@@ -360,31 +360,40 @@ def greedy_eval(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, max_new
     return {"eval_reward": sum(r) / len(r), "eval_completion_len": sum(len(g.token_ids) for g in gens) / len(gens)}
 
 
-def make_evaluate(tokenizer, evals: Prompts, probe: Prompts, reward_fn: RewardFn, max_new_tokens: int,
-                  batch_size: int) -> Callable | None:
-    """The RL loop's ``eval_fn``: ``eval_reward`` on the eval prompts and ``train_reward`` on a fixed probe of
-    training prompts (``rl.train_probe_prompts``), both greedy; None when there is neither."""
-    if not len(evals) and not len(probe):
-        return None
 
-    def evaluate(model) -> dict[str, float]:
-        out = greedy_eval(model, tokenizer, evals, reward_fn, max_new_tokens, batch_size) if len(evals) else {}
+def rl_evaluation(model, tokenizer, prompts: Prompts, evals: Prompts, reward_fn: RewardFn,
+                  cfg: RunConfig) -> tuple[Callable | None, dict]:
+    """``(eval_fn, start)`` for an RL run, both greedy.
+
+    ``eval_fn`` (None when there is nothing to evaluate) reports ``eval_reward`` on the eval prompts and
+    ``train_reward`` on a fixed probe of the first ``rl.train_probe_prompts`` training prompts. ``start`` is
+    ``{"train_reward_start": ...}``, the probe scored now with the initial policy (printed), or {} without
+    a probe.
+    """
+    rl, batch_size = cfg.rl, max(16, cfg.train.micro_batch_size)
+    probe = prompts.head(rl.train_probe_prompts)
+
+    def score(m, ps: Prompts) -> dict[str, float]:
+        return greedy_eval(m, tokenizer, ps, reward_fn, rl.max_new_tokens, batch_size)
+
+    def evaluate(m) -> dict[str, float]:
+        out = score(m, evals) if len(evals) else {}
         if len(probe):
-            t = greedy_eval(model, tokenizer, probe, reward_fn, max_new_tokens, batch_size)
+            t = score(m, probe)
             out.update(train_reward=t["eval_reward"], train_completion_len=t["eval_completion_len"])
         return out
 
-    return evaluate
-
-
-def probe_start(model, tokenizer, probe: Prompts, reward_fn: RewardFn, max_new_tokens: int, batch_size: int) -> dict:
-    """``{"train_reward_start": ...}`` of the initial policy on the probe (printed), or {} without a probe."""
     if not len(probe):
-        return {}
-    was_training = model.training
-    model.eval()
-    r = greedy_eval(model, tokenizer, probe, reward_fn, max_new_tokens, batch_size)["eval_reward"]
-    model.train(was_training)
+        return (evaluate if len(evals) else None), {}
+    r = score(model, probe)["eval_reward"]
     if is_main_process():
         print(f"train probe: greedy reward {r:.3f} on {len(probe)} training prompts before training", file=sys.stderr)
-    return {"train_reward_start": r}
+    return evaluate, {"train_reward_start": r}
+
+
+def eval_summary(final_metrics: dict, start: dict) -> str:
+    """The evaluation part of an RL run's closing line: eval reward, and the train probe's start -> end."""
+    fm = final_metrics
+    return ((f", eval reward {fm['eval_reward']:.3f}" if "eval_reward" in fm else "")
+            + (f", train-probe reward {start['train_reward_start']:.3f} -> {fm['train_reward']:.3f}"
+               if "train_reward" in fm and start else ""))

@@ -6,8 +6,8 @@ setup:    seed, tokenizer and template, prompts (JSONL records of ``data.train``
 rollout:  one loop "epoch" = one rollout. The batch source samples ``group_size`` completions for
           each of ``prompts_per_rollout`` prompts with the *current* policy, scores them, turns the
           rewards into group-normalised advantages (losses.group_advantages; negative ones scaled
-          by ``rl.negative_weight``) and precomputes the
-          old-policy and reference log-probs of every completion token, without gradients. With
+          by ``rl.negative_weight``) and precomputes the old-policy and reference log-probs of every
+          completion token, without gradients. With
           ``rl.sampling_rounds`` > 1 (DAPO dynamic sampling, Yu et al. 2025), groups whose rewards are
           all equal are set aside and more prompts are sampled until the rollout is full of groups
           that carry a learning signal
@@ -197,10 +197,7 @@ def main(cfg: RunConfig) -> LoopResult:
     rollouts = Rollouts(cfg, model, tokenizer, prompts, reward_fn, reference, device)
     loss_fn, count_fn = make_loss_fn(cfg)
 
-    eval_batch = max(16, cfg.train.micro_batch_size)
-    probe = prompts.head(rl.train_probe_prompts)
-    evaluate = ro.make_evaluate(tokenizer, evals, probe, reward_fn, rl.max_new_tokens, eval_batch)
-    start = ro.probe_start(model, tokenizer, probe, reward_fn, rl.max_new_tokens, eval_batch)
+    evaluate, start = ro.rl_evaluation(model, tokenizer, prompts, evals, reward_fn, cfg)
 
     # --- train: the shared loop; each "epoch" is one rollout
     t0 = time.perf_counter()
@@ -223,8 +220,6 @@ def main(cfg: RunConfig) -> LoopResult:
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     fm = result.final_metrics
     print(f"done: {result.global_step} steps in {elapsed:.1f}s, last rollout reward {fm.get('reward_mean', float('nan')):.3f}"
-          + (f", eval reward {fm['eval_reward']:.3f}" if "eval_reward" in fm else "")
-          + (f", train-probe reward {start['train_reward_start']:.3f} -> {fm['train_reward']:.3f}"
-             if "train_reward" in fm and start else "") + f"; saved {final}",
+          + ro.eval_summary(fm, start) + f"; saved {final}",
           file=sys.stderr)
     return result

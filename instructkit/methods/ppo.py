@@ -8,8 +8,7 @@ rollout:  one loop "epoch" = one rollout: one sampled completion per prompt; its
           ``missing_stop_penalty`` when it never stopped; optionally whitened) is the reward of the last
           completion token, every token also gets ``-kl_coef * KL(pi || ref)``; GAE gives advantages
           (whitened over the rollout; negative ones then scaled by ``rl.negative_weight``) and value
-          targets. Old log-probs and values are computed here,
-          without gradients
+          targets. Old log-probs and values are computed here, without gradients
 train:    the shared loop, ``rl.rollout_epochs`` passes over the rollout's micro-batches; per token
           ``clipped policy loss + vf_coef * clipped value loss``, averaged over the step's tokens
 save:     final/ as for SFT, plus ``final/value_head.safetensors``
@@ -216,10 +215,7 @@ def main(cfg: RunConfig) -> LoopResult:
     rollouts = Rollouts(cfg, model, tokenizer, prompts, reward_fn, reference, device)
     loss_fn, count_fn = make_loss_fn(cfg)
 
-    eval_batch = max(16, cfg.train.micro_batch_size)
-    probe = prompts.head(rl.train_probe_prompts)
-    evaluate = ro.make_evaluate(tokenizer, evals, probe, reward_fn, rl.max_new_tokens, eval_batch)
-    start = ro.probe_start(model, tokenizer, probe, reward_fn, rl.max_new_tokens, eval_batch)
+    evaluate, start = ro.rl_evaluation(model, tokenizer, prompts, evals, reward_fn, cfg)
 
     # --- train: the shared loop; each "epoch" is one rollout
     t0 = time.perf_counter()
@@ -247,8 +243,6 @@ def main(cfg: RunConfig) -> LoopResult:
     (out_dir / "summary.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     fm = result.final_metrics
     print(f"done: {result.global_step} steps in {elapsed:.1f}s, last rollout reward {fm.get('reward_mean', float('nan')):.3f}"
-          + (f", eval reward {fm['eval_reward']:.3f}" if "eval_reward" in fm else "")
-          + (f", train-probe reward {start['train_reward_start']:.3f} -> {fm['train_reward']:.3f}"
-             if "train_reward" in fm and start else "") + f"; saved {final}",
+          + ro.eval_summary(fm, start) + f"; saved {final}",
           file=sys.stderr)
     return result
