@@ -43,7 +43,7 @@ def main() -> None:
     cache = work / "cache"
     rows = []
     # --quick reuses a full base when the cache has one, so its cold run gets a cache of its own.
-    plan = [("cold", False), ("cached", False), ("quick (cold: builds its one-epoch base)", True)]
+    plan = [("cold", False), ("cached", False), ("quick (cold: builds its own base)", True)]
     if a.only:
         plan = [x for x in plan if x[0].startswith(a.only)]
     for name, quick in plan:
@@ -57,16 +57,25 @@ def main() -> None:
     lines = ["", f"## `instructkit demo` end to end ({time.strftime('%Y-%m-%d')})", "",
              "- Command: `python bench/demo.py` (each row is one `instructkit demo` run in a subprocess)",
              f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
-             "", "| run | wall time (s) | model | train | validation | heldout_phrasing | heldout_family | "
-             "stops on its own | corpus NLL |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| run | wall time (s) | predicted (s) | epochs: pretraining, SFT | model | train | validation | "
+             "heldout_phrasing | heldout_family | stops on its own | corpus NLL |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, wall, summary in rows:
+        plan, ep = summary.get("plan") or {}, summary["epochs"]
+        sized = f"{ep['pretrain']:g}{'' if plan.get('pretrain_epochs') is not None else ' (cached)'}, {ep['sft']:g}"
         for model, r in summary["results"].items():
             sp = r["splits"]
-            lines.append(f"| {name} | {wall:.0f} | {model} | " + " | ".join(
+            lines.append(f"| {name} | {wall:.0f} | {plan.get('predicted_total_s', float('nan')):.0f} | {sized} | {model} | "
+                         + " | ".join(
                 f"{sp[s]['accuracy']:.1%}" for s in ("train", "validation", "heldout_phrasing", "heldout_family"))
                 + f" | {sp['validation']['stop_rate']:.0%} | {r.get('corpus_nll', float('nan')):.3f} |")
     stage = rows[0][2]["times"]
     lines += ["", "Stage times of the first run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stage.items())]
+    measured = (rows[0][2].get("plan") or {}).get("measured")
+    if measured:
+        lines += [f"Measured by the first run before training: a pretraining step {measured['pretrain_step_s']:.3f} s "
+                  f"({measured['pretrain_steps_per_epoch']} per epoch), an SFT step {measured['sft_step_s']:.3f} s "
+                  f"({measured['sft_steps_per_epoch']} per epoch)."]
     text = "\n".join(lines) + "\n"
     print(text)
     if not a.no_record:

@@ -248,10 +248,14 @@ def cmd_demo(args) -> int:
         print(f"error: --with takes a comma-separated list of {', '.join(OPTIONAL_STAGES)}; got "
               f"'{args.with_stages}'", file=sys.stderr)
         return 2
+    if args.budget is not None and args.budget < 0:
+        print(f"error: --budget takes seconds (0 = no budget, the full recipe); got {args.budget:g}", file=sys.stderr)
+        return 2
+    budget = (180.0 if args.quick else 600.0) if args.budget is None else (args.budget or None)
     summary = run_demo(out=args.out, cache=args.cache, quick=args.quick, seed=args.seed, limit=args.limit,
-                       with_stages=stages)
+                       with_stages=stages, budget=budget)
     out = Path(args.out)
-    q = " --quick" if args.quick else ""
+    q = (" --quick" if args.quick else "") + (f" --budget {args.budget:g}" if args.budget is not None else "")
     commands = [
         f"instructkit demo --out {args.out}{q} --seed {args.seed}   # everything below in one command",
         f"instructkit synth skills --out {out / 'data'} --seed {args.seed}",
@@ -670,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--cache", default=".cache/instructkit", help="where the pretrained base is kept")
     dm.add_argument("--quick", action="store_true", help="3-minute taste: a one-epoch base (or the full one if cached), shorter tuning and evaluation")
     dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--budget", type=float, metavar="SECONDS",
+                    help="wall-time budget from cold (default 600, 180 with --quick): the demo times its own training "
+                         "steps here and trains as many epochs as fit, up to the full recipe; tuning is sized so that "
+                         "a rerun with the base cached fits 30%% of it. 0 = the full recipe whatever it costs")
     dm.add_argument("--limit", type=int, help="prompts per split in evaluation (default 40, quick 20)")
     dm.add_argument("--with", dest="with_stages", metavar="STAGES",
                     help="optional stages after SFT, comma-separated: dpo, orpo, reward, distill, grpo, ppo")

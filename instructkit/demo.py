@@ -13,8 +13,10 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from instructkit.budget import FULL_PRETRAIN_EPOCHS, FULL_SFT_EPOCHS, StageCosts, plan_epochs
 from instructkit.synth.skills import N_CORPUS, N_TRAIN
 
 DEMO_VERSION = 5  # bump when the base recipe changes, so stale caches are rebuilt
@@ -38,8 +40,8 @@ def base_recipe(preset: str, seed: int, quick: bool) -> dict:
     """Pretraining of the demo's base. Muon on the hidden matrices and one document (fact) per packed block
     are what let the tiny model start to compute the skills within the budget (bench/RESULTS.md)."""
     return {"version": DEMO_VERSION, "preset": preset, "seed": seed,
-            "pretrain_epochs": 1 if quick else 5, "max_length": 256, "lr": 3e-3, "micro_batch_size": 16,
-            "optimizer": "muon", "muon_lr": 0.02, "documents": "separate", "bf16": fast_bf16()}
+            "pretrain_epochs": 1 if quick else _epochs_value(FULL_PRETRAIN_EPOCHS), "max_length": 256, "lr": 3e-3,
+            "micro_batch_size": 16, "optimizer": "muon", "muon_lr": 0.02, "documents": "separate", "bf16": fast_bf16()}
 
 
 def pretrain_base(recipe: dict, data_dir: Path, work: Path, init: Path) -> None:
@@ -58,18 +60,67 @@ def pretrain_base(recipe: dict, data_dir: Path, work: Path, init: Path) -> None:
     }))
 
 
-def base_dir(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def base_dir(data_dir: Path, cache_dir: Path, recipe: dict, corpus_hash: str | None = None) -> Path:
     """The cache folder of a base: keyed by the recipe and the exact corpus, so a different curriculum
     never reuses a base."""
-    corpus_hash = hashlib.sha256((data_dir / "corpus_pretrain.txt").read_bytes()).hexdigest()
+    corpus_hash = corpus_hash or _sha(data_dir / "corpus_pretrain.txt")
     key = hashlib.sha256((json.dumps(recipe, sort_keys=True) + corpus_hash).encode()).hexdigest()[:12]
     return cache_dir / f"base-{key}"
 
 
-def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
-    """Tokenizer trained on the suite's text, then causal-LM pretraining on the plain corpus."""
+def cached_bases(data_dir: Path, cache_dir: Path, recipe: dict) -> dict[float, Path]:
+    """Finished bases in the cache that differ from ``recipe`` only in their pretraining epochs (any
+    multiple of 0.25 up to the full recipe's): ``{epochs: final folder}``."""
+    corpus_hash = _sha(data_dir / "corpus_pretrain.txt")
+    found = {}
+    for k in range(1, int(FULL_PRETRAIN_EPOCHS * 4) + 1):
+        final = base_dir(data_dir, cache_dir, {**recipe, "pretrain_epochs": _epochs_value(k / 4)}, corpus_hash) / "final"
+        if (final / "config.json").exists():
+            found[k / 4] = final
+    return found
+
+
+def _epochs_value(e: float) -> float | int:
+    """Whole epochs as int, so the cache keys of the recipes before budgets (``"pretrain_epochs": 5``) hold."""
+    return int(e) if float(e).is_integer() else float(e)
+
+
+def init_dir(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
+    """The cache folder of a base's tokenizer and initial weights, shared by every pretraining length."""
+    spec = {k: recipe[k] for k in ("version", "preset", "seed")}
+    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + _sha(data_dir / "corpus_pretrain.txt")
+                          + _sha(data_dir / "train.jsonl")).encode()).hexdigest()[:12]
+    return cache_dir / f"init-{key}"
+
+
+def build_init(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
+    """Tokenizer trained on the suite's text and randomly initialised weights (reused when cached)."""
     from instructkit.tiny_model import build_tiny_model
 
+    init = init_dir(data_dir, cache_dir, recipe)
+    if (init / "config.json").exists():
+        return init
+    corpus = (data_dir / "corpus_pretrain.txt").read_text(encoding="utf-8").splitlines()
+    prompts = [json.loads(x)["messages"] for x in (data_dir / "train.jsonl").read_text().splitlines()]
+    texts = corpus + [m["content"] for conv in prompts for m in conv]
+    # GPT-style word tokens (" lantern") and a space before each reply, so a word copied from the
+    # prompt into the reply is the same token (bench/RESULTS.md: isolating spaces cost 43% more tokens).
+    tmp = init.with_name(init.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    build_tiny_model(tmp, preset=recipe["preset"], seed=recipe["seed"], corpus=texts, reply_space=True)
+    if init.exists():
+        shutil.rmtree(init)
+    tmp.rename(init)  # atomic: an interrupted build never leaves a half-written init behind
+    return init
+
+
+def build_base(data_dir: Path, cache_dir: Path, recipe: dict, init: Path | None = None) -> Path:
+    """Causal-LM pretraining of the initial model (:func:`build_init`) on the plain corpus; reused when cached."""
     work = base_dir(data_dir, cache_dir, recipe)
     final = work / "final"
     if (final / "config.json").exists():
@@ -77,22 +128,14 @@ def build_base(data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
         return final
     if work.exists():
         shutil.rmtree(work)
-    corpus = (data_dir / "corpus_pretrain.txt").read_text(encoding="utf-8").splitlines()
-    prompts = [json.loads(x)["messages"] for x in (data_dir / "train.jsonl").read_text().splitlines()]
-    texts = corpus + [m["content"] for conv in prompts for m in conv]
-    # GPT-style word tokens (" lantern") and a space before each reply, so a word copied from the
-    # prompt into the reply is the same token (bench/RESULTS.md: isolating spaces cost 43% more tokens).
-    init = build_tiny_model(work / "init", preset=recipe["preset"], seed=recipe["seed"], corpus=texts,
-                            reply_space=True)
+    init = init or build_init(data_dir, cache_dir, recipe)
     pretrain_base(recipe, data_dir, work, init)
     (work / "recipe.json").write_text(json.dumps(recipe, indent=2))
     return final
 
 
-def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs: float, seed: int) -> Path:
-    from instructkit.config import load_config
-    from instructkit.methods import sft
-
+def sft_raw(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs: float, seed: int) -> dict:
+    """The config of the demo's SFT runs (full, or LoRA r32 on every linear layer)."""
     raw = {
         "method": "sft", "seed": seed, "output_dir": str(out / f"sft-{name}"),
         "model": {"name_or_path": str(base)},
@@ -104,7 +147,65 @@ def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs
     }
     if lora:
         raw["lora"] = {"enabled": True, "r": 32, "alpha": 64, "target_modules": "all-linear"}
-    sft.main(load_config(raw=raw))
+    return raw
+
+
+# Measured on a 2-core EPYC (bench/RESULTS.md, "The demo within its time budget"): a step inside the loop
+# (logging, the progress line, periodic evaluation and checkpoints) takes 1.14x the timed step when
+# pretraining and 1.22x when tuning (evaluation every 50 steps); evaluating one model (160 prompts,
+# greedy) costs about as much as 10 SFT steps.
+PRETRAIN_OVERHEAD = 1.14
+SFT_OVERHEAD = 1.22
+EVAL_STEPS = 10.0
+TIMED_STEPS = 4  # micro-batches timed per stage (after one warm-up step)
+
+
+def measure_costs(init: Path, data_dir: Path, recipe: dict, seed: int) -> tuple[StageCosts, dict]:
+    """Time real training steps of the initial model on this machine: pretraining on packed corpus rows
+    (the recipe's optimizer), SFT on packed training examples (AdamW); count each stage's steps per epoch.
+    Returns the stage costs and the raw measurements (for the report)."""
+    import copy
+
+    from instructkit.budget import time_train_steps
+    from instructkit.config import load_config
+    from instructkit.data.pipeline import load_sft_data, plan_batches, prepare_template
+    from instructkit.data.text import document_batches, read_documents
+    from instructkit.models import load_for_inference
+
+    t = time.perf_counter()
+    model, tok = load_for_inference(init)
+    docs = read_documents(data_dir / "corpus_pretrain.txt")
+    pre_plan, _ = document_batches(tok, docs, recipe["max_length"], recipe["micro_batch_size"], seed, True)
+    pre_batches = pre_plan.source(0)[:TIMED_STEPS + 1]
+    pre_data_s = time.perf_counter() - t
+    t = time.perf_counter()
+    cfg = load_config(raw=sft_raw("full", init, data_dir, data_dir, False, 1.0, seed))
+    template, _ = prepare_template(tok, cfg.data)
+    data = load_sft_data(cfg.data, tok, template, seed)
+    sft_plan = plan_batches(data.train, packing=cfg.data.packing, micro_batch_size=cfg.train.micro_batch_size,
+                            max_length=cfg.data.max_length, pad_id=tok.pad_token_id, seed=seed, shuffle=True)
+    sft_batches = sft_plan.source(0)[:TIMED_STEPS + 1]
+    sft_data_s = time.perf_counter() - t
+    pre_step = time_train_steps(copy.deepcopy(model), pre_batches, optimizer=recipe["optimizer"],
+                                bf16=recipe["bf16"], lr=recipe["lr"], muon_lr=recipe["muon_lr"])
+    sft_step = time_train_steps(copy.deepcopy(model), sft_batches, optimizer="adamw", bf16=recipe["bf16"])
+    costs = StageCosts(
+        pretrain_epoch_s=pre_plan.micro_per_epoch * pre_step * PRETRAIN_OVERHEAD,
+        pretrain_fixed_s=pre_data_s + 2.0,
+        sft_epoch_s=2 * sft_plan.micro_per_epoch * sft_step * SFT_OVERHEAD,
+        sft_fixed_s=2 * (sft_data_s + 2.0),
+        reserve_s=3 * EVAL_STEPS * sft_step + 3.0,
+    )
+    info = {"pretrain_step_s": pre_step, "pretrain_steps_per_epoch": pre_plan.micro_per_epoch,
+            "sft_step_s": sft_step, "sft_steps_per_epoch": sft_plan.micro_per_epoch, **asdict(costs)}
+    return costs, info
+
+
+def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs: float, seed: int) -> Path:
+    from instructkit.config import load_config
+    from instructkit.methods import sft
+
+    sft.main(load_config(raw=sft_raw(name, base, data_dir, out, lora, epochs, seed)))
     return out / f"sft-{name}" / "final"
 
 
@@ -341,11 +442,26 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
     return metrics
 
 
+def plan_message(plan, measured: dict, pretrain_epochs: float, max_pretrain: float, max_sft: float) -> str:
+    """One line on how this run was sized, for the console and the report."""
+    base = (f"pretraining {plan.pretrain_epochs:g} of {max_pretrain:g} epochs" if plan.pretrain_epochs is not None
+            else f"cached base ({pretrain_epochs:g} pretraining epochs)")
+    return (f"budget: a pretraining step takes {measured['pretrain_step_s']:.2f}s here "
+            f"({measured['pretrain_steps_per_epoch']} per epoch), an SFT step {measured['sft_step_s']:.2f}s "
+            f"({measured['sft_steps_per_epoch']} per epoch) -> {base}, SFT {plan.sft_epochs:g} of {max_sft:g} epochs; "
+            f"predicted {plan.predicted_total_s:.0f}s of {plan.budget_s:.0f}s"
+            + ("" if plan.fits else " (OVER budget even at the smallest plan: this machine is too slow for it)")
+            + ". --budget 0 trains the full recipe whatever it costs.")
+
+
+TUNE_BUDGET_SHARE = 0.3  # of the cold budget, for a run whose base is cached (600 s -> 180 s)
+
+
 def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instructkit", quick: bool = False,
-             seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = 3.0,
+             seed: int = 0, preset: str = "micro", limit: int | None = None, sft_epochs: float = FULL_SFT_EPOCHS,
              n_train: int = N_TRAIN, n_corpus: int = N_CORPUS, with_stages: tuple[str, ...] = (),
-             rl_steps: int | None = None) -> dict:
-    """Run every stage and return ``{"results", "times", "base", "quick", "limit"}``.
+             rl_steps: int | None = None, budget: float | None = None) -> dict:
+    """Run every stage and return ``{"results", "times", "base", "quick", "limit", "epochs", "plan"}``.
 
     ``preset``, ``n_train``, ``n_corpus`` and ``sft_epochs`` exist so tests can run the whole
     pipeline at a miniature scale; the defaults are the demo's. ``with_stages`` adds optional stages
@@ -353,10 +469,19 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     evaluated like the others), ``reward`` (a reward model; its held-out pairwise accuracy), ``distill``
     and ``grpo`` / ``ppo`` (online RL from the full SFT model, the skills verifier as reward;
     ``rl_steps`` optimizer steps, default 20 for both, 6 / 8 with ``quick``).
+
+    ``budget``: wall seconds for the run from cold (the CLI's default is 600, 180 with ``quick``). The demo
+    times a few of its own training steps on this machine and trains as many epochs as fit, up to the
+    recipe's (:mod:`instructkit.budget`): tuning so that a rerun with the base cached fits
+    ``TUNE_BUDGET_SHARE`` of the budget (all of it with ``quick``), pretraining with what is left. A cached
+    base pretrained at least as long as planned is reused. None trains the recipe's epochs (5 of
+    pretraining and ``sft_epochs`` of tuning; 1 and 1 with ``quick``) whatever they cost.
     """
     unknown = [s for s in with_stages if s not in OPTIONAL_STAGES]
     if unknown:
         raise ValueError(f"unknown demo stage(s) {unknown}; choose from {', '.join(OPTIONAL_STAGES)}")
+    if budget is not None and budget <= 0:
+        raise ValueError(f"budget must be a positive number of seconds or None, got {budget}")
     from instructkit.synth.skills import write_skills
 
     t_start = time.perf_counter()
@@ -365,8 +490,8 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     times: dict[str, float] = {}
     n_stages = 6 + len(with_stages)
     limit = limit or (20 if quick else 40)
-    if quick:  # the --quick budget (3 minutes from cold): a one-epoch base, one epoch of tuning
-        sft_epochs = min(sft_epochs, 1.0)
+    max_pretrain = 1.0 if quick else FULL_PRETRAIN_EPOCHS  # --quick: a one-epoch base, one epoch of tuning
+    max_sft = min(sft_epochs, 1.0) if quick else sft_epochs
 
     _stage(1, n_stages, "generating the skills curriculum")
     t = time.perf_counter()
@@ -385,9 +510,35 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     _stage(2, n_stages, "building the tiny base model (pretrained on the plain-text skills corpus)")
     t = time.perf_counter()
     recipe = base_recipe(preset, seed, False)
-    if quick and not (base_dir(data_dir, cache / "demo", recipe) / "final/config.json").exists():
-        recipe = base_recipe(preset, seed, True)  # a full base from an earlier demo beats a quick one
-    base = build_base(data_dir, cache / "demo", recipe)
+    cached = cached_bases(data_dir, cache / "demo", recipe)
+    plan, measured, init = None, None, None
+    want = max_pretrain
+    if budget is not None:
+        tune_budget = budget if quick else TUNE_BUDGET_SHARE * budget
+        if cached:  # same shapes and tokenizer as the init: time the cached base instead of building an init
+            probe_model, tokenizer_s = cached[max(cached)], 0.0
+        else:
+            t_init = time.perf_counter()
+            init = probe_model = build_init(data_dir, cache / "demo", recipe)
+            tokenizer_s = time.perf_counter() - t_init
+        costs, measured = measure_costs(probe_model, data_dir, recipe, seed)
+        spent = time.perf_counter() - t_start
+        plan_kw = dict(budget_s=budget, tune_budget_s=tune_budget, spent_s=spent, tune_spent_s=spent - tokenizer_s,
+                       max_pretrain_epochs=max_pretrain, max_sft_epochs=max_sft, joint=quick)
+        plan = plan_epochs(costs, pretrain=True, **plan_kw)
+        want = plan.pretrain_epochs
+    usable = {e: path for e, path in cached.items() if e >= want}
+    pretrain_epochs = max(usable) if usable else want  # a base pretrained at least as long (e.g. full for --quick)
+    if usable and plan is not None:  # tuning sized for a run whose base is cached
+        plan = plan_epochs(costs, pretrain=False, **plan_kw)
+    if plan is not None:
+        print(plan_message(plan, measured, pretrain_epochs, max_pretrain, max_sft), file=sys.stderr, flush=True)
+    sft_epochs = plan.sft_epochs if plan is not None else max_sft
+    if usable:
+        base = usable[pretrain_epochs]
+        print(f"reusing cached base model {base} ({pretrain_epochs:g} pretraining epochs)", file=sys.stderr)
+    else:
+        base = build_base(data_dir, cache / "demo", {**recipe, "pretrain_epochs": _epochs_value(want)}, init)
     times["base model"] = time.perf_counter() - t
 
     _stage(3, n_stages, "evaluating the base model")
@@ -448,7 +599,10 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
         times[method] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
     summary = {"results": results, "times": times, "base": str(base), "quick": quick, "limit": limit,
-               "preference": preference_summary}
+               "preference": preference_summary, "budget": budget,
+               "epochs": {"pretrain": pretrain_epochs, "sft": sft_epochs, "pretrain_recipe": max_pretrain,
+                          "sft_recipe": max_sft},
+               "plan": {**plan.as_dict(), "measured": measured} if plan is not None else None}
     if distill_summary:  # held-out agreement of the distilled students with their teacher
         summary["distill"] = distill_summary
     if rl_results:  # training-rollout reward and KL of the online RL stages

@@ -189,12 +189,43 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
     times = summary.get("times", {})
     md += ["## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     md += [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    md += _sizing_section(summary)
     md += ["", "## Reproduce", "", "```bash", *commands, "```", ""]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
     html_path = out / "report.html"
     html_path.write_text(_to_html("\n".join(md)), encoding="utf-8")
     return md_path, html_path
+
+
+def _sizing_section(summary: dict) -> list[str]:
+    """How many epochs this run trained and why: the recipe's, or what fit the time budget here."""
+    epochs = summary.get("epochs")
+    if not epochs:
+        return []
+    out = ["", "## How this run was sized", ""]
+    plan = summary.get("plan")
+    pre = f"{epochs['pretrain']:g} of {epochs['pretrain_recipe']:g}"
+    sft = f"{epochs['sft']:g} of {epochs['sft_recipe']:g}"
+    if not plan:
+        return out + [f"No time budget: the recipe's epochs (pretraining {pre}, SFT {sft}).", ""]
+    m = plan["measured"]
+    cached = plan["pretrain_epochs"] is None
+    total = (summary.get("times") or {}).get("total", float("nan"))
+    out += [f"Budget: {summary['budget']:.0f} s from cold"
+            + (f"; this run found its base cached, so its tuning was sized for {plan['budget_s']:.0f} s" if cached
+               else "") + ". Before training, the demo timed a few real steps of its model on this machine and "
+            "trained as many epochs as fit, tuning first (so that a rerun with the base cached fits its share) and "
+            "pretraining with the rest. Fewer epochs than the recipe's mean lower accuracy than the README's "
+            "numbers; `--budget 0` trains the full recipe whatever it costs.", "",
+            "| | pretraining | SFT (each of full, LoRA) |", "|---|---:|---:|",
+            f"| seconds per step, measured here | {m['pretrain_step_s']:.3f} | {m['sft_step_s']:.3f} |",
+            f"| steps per epoch | {m['pretrain_steps_per_epoch']} | {m['sft_steps_per_epoch']} |",
+            f"| epochs trained (of the recipe's) | {pre}{' (cached base)' if cached else ''} | {sft} |", "",
+            f"Predicted total {plan['predicted_total_s']:.0f} s, measured {total:.0f} s"
+            + ("" if plan["fits"] else " (the smallest plan was over the budget: this machine is too slow for it)")
+            + ".", ""]
+    return out
 
 
 def _to_html(md: str) -> str:
