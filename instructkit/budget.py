@@ -14,8 +14,9 @@ the base cached fits its own (3-minute) budget; pretraining gets what is left of
 from __future__ import annotations
 
 import math
-import time
+import statistics
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 FULL_PRETRAIN_EPOCHS = 5.0  # the demo's recipe with no budget (bench/RESULTS.md, "GPT-style word tokens")
 FULL_SFT_EPOCHS = 3.0
@@ -78,7 +79,8 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 
 def plan_epochs(costs: StageCosts, *, budget_s: float, tune_budget_s: float, spent_s: float,
                 tune_spent_s: float, pretrain: bool, max_pretrain_epochs: float = FULL_PRETRAIN_EPOCHS,
-                max_sft_epochs: float = FULL_SFT_EPOCHS, joint: bool = False) -> DemoPlan:
+                max_sft_epochs: float = FULL_SFT_EPOCHS, joint: bool = False, margin: float = 1.0,
+                sft_epochs: float | None = None) -> DemoPlan:
     """The largest epochs that fit the budgets, rounded down to the quanta.
 
     Args:
@@ -91,6 +93,10 @@ def plan_epochs(costs: StageCosts, *, budget_s: float, tune_budget_s: float, spe
         pretrain: Whether the base must be pretrained (False: a cached base is used).
         max_pretrain_epochs / max_sft_epochs: The recipe's epochs with no budget; never exceeded.
         joint: ``--quick`` from cold: base and tuning share one budget and get the same epochs.
+        margin: Size the epochs for this share of each budget (e.g. 0.95), leaving room for the machine
+            to run slower than it did while being timed; ``fits`` is still judged against the full budget.
+        sft_epochs: Tuning epochs to use instead of sizing them (to predict a given plan's time), e.g. the
+            epochs of the run that built a cached base, so that a rerun repeats that run when it fits.
 
     Returns:
         The plan. When even the minimum epochs (0.5 of pretraining, 0.25 of tuning) are over budget, the
@@ -99,16 +105,18 @@ def plan_epochs(costs: StageCosts, *, budget_s: float, tune_budget_s: float, spe
     c = costs
     tune_fixed = c.sft_fixed_s + c.reserve_s
     if joint and pretrain:
-        room = budget_s - spent_s - c.pretrain_fixed_s - tune_fixed
+        room = margin * budget_s - spent_s - c.pretrain_fixed_s - tune_fixed
         x = _clamp(floor_to(room / (c.pretrain_epoch_s + c.sft_epoch_s), SFT_QUANTUM), MIN_SFT_EPOCHS,
                    min(max_pretrain_epochs, max_sft_epochs))
         pre, sft = x, x
     else:
-        tune_room = tune_budget_s - tune_spent_s - tune_fixed
+        tune_room = margin * tune_budget_s - tune_spent_s - tune_fixed
         sft = _clamp(floor_to(tune_room / c.sft_epoch_s, SFT_QUANTUM), MIN_SFT_EPOCHS, max_sft_epochs)
+        if sft_epochs is not None:
+            sft = min(sft_epochs, max_sft_epochs)
         pre = None
         if pretrain:
-            room = budget_s - spent_s - c.pretrain_fixed_s - tune_fixed - sft * c.sft_epoch_s
+            room = margin * budget_s - spent_s - c.pretrain_fixed_s - tune_fixed - sft * c.sft_epoch_s
             pre = _clamp(floor_to(room / c.pretrain_epoch_s, PRETRAIN_QUANTUM), MIN_PRETRAIN_EPOCHS,
                          max_pretrain_epochs)
     if pretrain:
@@ -123,33 +131,24 @@ def plan_epochs(costs: StageCosts, *, budget_s: float, tune_budget_s: float, spe
 
 def time_train_steps(model, batches: list[dict], *, optimizer: str, bf16: bool, lr: float = 1e-3,
                      muon_lr: float = 0.02, warmup: int = 1) -> float:
-    """Mean wall seconds of one optimizer step (forward, backward, clipping, update) of ``model`` on real
-    micro-batches, as the shared loop runs them: same loss, optimizer and autocast. The first ``warmup``
-    batches are run untimed (allocator and kernel warm-up). The model's weights are changed: pass a copy.
-    """
-    import torch
+    """Median wall seconds of one optimizer step of ``model`` on real micro-batches, one per step, run by the
+    shared training loop itself (same loss, optimizer, autocast, clipping and logging) in a throwaway
+    folder. The first ``warmup`` steps are not counted (allocator and kernel warm-up). The model's
+    weights are changed: restore them or pass a copy."""
+    import json
+    import tempfile
 
     from instructkit.config import TrainConfig
-    from instructkit.loop import nll_step
-    from instructkit.optim import make_optimizer
+    from instructkit.loop import nll_step, train_loop
 
     if len(batches) <= warmup:
         raise ValueError(f"time_train_steps needs more than {warmup} batches, got {len(batches)}")
-    opt = make_optimizer(model, TrainConfig(optimizer=optimizer, lr=lr, muon_lr=muon_lr))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(batch: dict) -> None:
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = nll_step(model, batch)
-        (out.loss_sum / max(1, out.n_targets)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for b in batches[:warmup]:
-        step(b)
-    t = time.perf_counter()
-    for b in batches[warmup:]:
-        step(b)
-    return (time.perf_counter() - t) / (len(batches) - warmup)
+    cfg = TrainConfig(max_steps=len(batches), micro_batch_size=1, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
+                      bf16=bf16, schedule="constant", progress=False)
+    with tempfile.TemporaryDirectory(prefix="instructkit-timing-") as tmp:
+        train_loop(model=model, batches=lambda epoch: batches, micro_per_epoch=len(batches), loss_fn=nll_step,
+                   cfg=cfg, out_dir=Path(tmp))
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    seen = [0] + [r["tokens_seen"] for r in records]  # the loop logs each step's target tokens per second
+    times = [(seen[k + 1] - seen[k]) / r["target_tokens_per_s"] for k, r in enumerate(records)]
+    return statistics.median(times[warmup:])  # one slow step (a page fault, a neighbour) should not resize the run

@@ -98,3 +98,43 @@ def test_demo_within_a_budget_at_miniature_scale(tmp_path, capsys):
     assert again["epochs"]["pretrain"] == 0.5
     with pytest.raises(ValueError, match="budget must be a positive"):
         run_demo(out=tmp_path / "x", budget=0)
+
+
+def test_plan_margin_sizes_for_a_share_of_the_budget_but_judges_fit_against_all_of_it():
+    plan = plan_epochs(COSTS, pretrain=True, margin=0.9, **KW)
+    # tuning: (0.9 * 180 - 20 - 20) / 60 = 2.03 -> 2.0; pretraining: (0.9 * 600 - 30 - 10 - 20 - 120) / 100 = 3.6 -> 3.5
+    assert (plan.pretrain_epochs, plan.sft_epochs) == (3.5, 2.0)
+    assert plan.predicted_total_s == pytest.approx(30 + 10 + 350 + 20 + 120) and plan.budget_s == 600.0 and plan.fits
+
+
+def test_plan_with_given_tuning_epochs_only_predicts():
+    plan = plan_epochs(COSTS, pretrain=False, sft_epochs=2.5, **KW)
+    assert plan.sft_epochs == 2.5 and plan.predicted_total_s == pytest.approx(20 + 20 + 150) and not plan.fits
+    assert plan_epochs(COSTS, pretrain=False, sft_epochs=9.0, **KW).sft_epochs == 3.0  # never over the recipe
+
+
+def test_demo_plans_from_the_measured_costs_and_a_rerun_repeats_the_tuning_that_fits(tmp_path, monkeypatch):
+    """The planning inside run_demo, with the timing replaced by fixed costs: the cold run's epochs, the
+    plan stored beside the base, and a cached rerun on a 'slower' machine that repeats the cold run's
+    tuning while it fits its budget and sizes its own when it does not."""
+    import instructkit.demo as demo
+
+    def costs(sft_epoch_s):
+        c = StageCosts(pretrain_epoch_s=400.0, pretrain_fixed_s=0.0, sft_epoch_s=sft_epoch_s, sft_fixed_s=0.0,
+                       reserve_s=0.0)
+        return lambda *a, **k: (c, {"pretrain_step_s": 1.0, "pretrain_steps_per_epoch": 400, "sft_step_s": 1.0,
+                                    "sft_steps_per_epoch": int(sft_epoch_s / 2)})
+
+    kw = dict(cache=tmp_path / "cache", preset="nano", limit=2, n_train=150, n_corpus=600, budget=1000.0)
+    monkeypatch.setattr(demo, "measure_costs", costs(200.0))
+    cold = demo.run_demo(out=tmp_path / "a", **kw)
+    # tuning: (0.95 * 300 - spent) / 200 -> 1.25; pretraining: (950 - spent - 250) / 400 -> 1.5
+    assert (cold["plan"]["pretrain_epochs"], cold["plan"]["sft_epochs"]) == (1.5, 1.25)
+    stored = json.loads((tmp_path / "cache/demo" / cold["base"].split("/")[-2] / "demo_plan.json").read_text())
+    assert stored == {"budget": 1000.0, "quick": False, "sft_epochs": 1.25}
+    monkeypatch.setattr(demo, "measure_costs", costs(230.0))  # sized alone: 1.0 epoch; 1.25 x 230 still fits 300
+    again = demo.run_demo(out=tmp_path / "b", **kw)
+    assert again["base"] == cold["base"] and again["plan"]["sft_epochs"] == 1.25 and again["plan"]["fits"]
+    monkeypatch.setattr(demo, "measure_costs", costs(250.0))  # 1.25 x 250 = 312 s: over, so 1.0
+    slower = demo.run_demo(out=tmp_path / "c", **kw)
+    assert slower["plan"]["sft_epochs"] == 1.0 and slower["epochs"]["pretrain"] == 1.5
