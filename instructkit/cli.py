@@ -672,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the embedded default: tune a tiny model on the skills curriculum")
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--cache", default=".cache/instructkit", help="where the pretrained base is kept")
-    dm.add_argument("--quick", action="store_true", help="3-minute taste: a one-epoch base (or the full one if cached), shorter tuning and evaluation")
+    dm.add_argument("--quick", action="store_true", help="3-minute taste: at most a one-epoch base (or a longer one if cached), at most one epoch of tuning, 20 prompts per split")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--budget", type=float, metavar="SECONDS",
                     help="wall-time budget from cold (default 600, 180 with --quick): the demo times its own training "

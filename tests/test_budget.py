@@ -98,6 +98,20 @@ def test_demo_within_a_budget_at_miniature_scale(tmp_path, capsys):
     assert again["epochs"]["pretrain"] == 0.5
     with pytest.raises(ValueError, match="budget must be a positive"):
         run_demo(out=tmp_path / "x", budget=0)
+    from instructkit.report import write_report
+
+    md, _ = write_report(tmp_path / "demo2", again, ["instructkit demo --budget 1"])
+    text = md.read_text()
+    assert "## How this run was sized" in text and "| epochs trained (of the recipe's) | 0.5 of 5 (cached base) | 0.25 of 3 |" in text
+    assert "too slow for it" in text and "| sizing to the budget |" in text
+
+
+def test_demo_cli_rejects_a_negative_budget(tmp_path, capsys):
+    from instructkit.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--budget", "-5"]) == 2
+    assert "--budget takes seconds" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_plan_margin_sizes_for_a_share_of_the_budget_but_judges_fit_against_all_of_it():
