@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 FULL_PRETRAIN_EPOCHS = 5.0  # the demo's recipe with no budget (bench/RESULTS.md, "GPT-style word tokens")
@@ -63,9 +63,6 @@ class DemoPlan:
     predicted_total_s: float
     budget_s: float
     fits: bool
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def floor_to(x: float, quantum: float) -> float:

@@ -84,13 +84,6 @@ def cached_bases(data_dir: Path, cache_dir: Path, recipe: dict) -> dict[float, P
     return found
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _epochs_value(e: float) -> float | int:
     """Whole epochs as int, so the cache keys of the recipes before budgets (``"pretrain_epochs": 5``) hold."""
     return int(e) if float(e).is_integer() else float(e)
@@ -500,7 +493,8 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     times a few of its own training steps on this machine and trains as many epochs as fit, up to the
     recipe's (:mod:`instructkit.budget`): tuning so that a rerun with the base cached fits
     ``TUNE_BUDGET_SHARE`` of the budget (all of it with ``quick``), pretraining with what is left. A cached
-    base pretrained at least as long as planned is reused. None trains the recipe's epochs (5 of
+    base pretrained at least as long as planned, or at most ``REUSE_TOLERANCE_EPOCHS`` shorter, is reused,
+    with the tuning epochs of the run that built it while they are predicted to fit. None trains the recipe's epochs (5 of
     pretraining and ``sft_epochs`` of tuning; 1 and 1 with ``quick``) whatever they cost.
     """
     unknown = [s for s in with_stages if s not in OPTIONAL_STAGES]
@@ -563,7 +557,9 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     pretrain_epochs = max(usable) if usable else want
     if usable and plan is not None:  # tuning sized for a run whose base is cached
         plan = plan_epochs(costs, pretrain=False, **plan_kw)
-        built = _read_json(usable[pretrain_epochs].parent / "demo_plan.json")
+        from instructkit.export import read_json
+
+        built = read_json(usable[pretrain_epochs].parent / "demo_plan.json") or {}
         if built.get("budget") == budget and built.get("quick") == quick and built.get("sft_epochs", 0) > plan.sft_epochs:
             # The run that built this base tuned longer; repeat it when it is predicted to fit, so that
             # rerunning the demo repeats its numbers rather than following this minute's timing noise.
@@ -643,7 +639,7 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
                "preference": preference_summary, "budget": budget,
                "epochs": {"pretrain": pretrain_epochs, "sft": sft_epochs, "pretrain_recipe": max_pretrain,
                           "sft_recipe": max_sft},
-               "plan": {**plan.as_dict(), "measured": measured} if plan is not None else None}
+               "plan": {**asdict(plan), "measured": measured} if plan is not None else None}
     if distill_summary:  # held-out agreement of the distilled students with their teacher
         summary["distill"] = distill_summary
     if rl_results:  # training-rollout reward and KL of the online RL stages

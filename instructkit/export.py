@@ -27,7 +27,8 @@ class ExportError(ModelError):
     """The export cannot be done as asked; the message says how to fix it."""
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -53,7 +54,7 @@ def check_adapter(adapter: Path, model_dir: Path, allow_base_mismatch: bool = Fa
                 if (adapter / "config.json").exists() else "")
         raise ExportError(f"--adapter {adapter} is not a LoRA adapter folder (no adapter_config.json).{hint} "
                           "Fix: point --adapter at the final/ folder of a LoRA run (lora.enabled: true)")
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     if cfg is None:
         raise ExportError(f"{cfg_path}: not valid JSON. Fix: re-save the adapter")
     if str(cfg.get("peft_type", "")).upper() != "LORA":
@@ -190,7 +191,7 @@ def _scalar(v) -> bool:
 
 def _eval_section(path: Path) -> list[str]:
     """Scalars as a list; a dict of dicts of scalars (e.g. per split) as a table; big tables summarised."""
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         return [f"- `{path}`: not a JSON object, skipped"]
     lines = [f"From `{path}`:", ""]
@@ -217,7 +218,7 @@ def model_card(title: str, model_dir: Path, adapter: Path | None, adapter_cfg: d
     """Markdown model card with YAML front matter for the Hugging Face Hub."""
     import yaml
 
-    run_info = _read_json(adapter / "instructkit.json") if adapter else _read_json(model_dir / "instructkit.json")
+    run_info = read_json(adapter / "instructkit.json") if adapter else read_json(model_dir / "instructkit.json")
     run_dir = (adapter or model_dir).parent
     run_cfg = None
     if (run_dir / "config.yaml").exists():

@@ -360,7 +360,6 @@ def greedy_eval(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, max_new
     return {"eval_reward": sum(r) / len(r), "eval_completion_len": sum(len(g.token_ids) for g in gens) / len(gens)}
 
 
-
 def rl_evaluation(model, tokenizer, prompts: Prompts, evals: Prompts, reward_fn: RewardFn,
                   cfg: RunConfig) -> tuple[Callable | None, dict]:
     """``(eval_fn, start)`` for an RL run, both greedy.
