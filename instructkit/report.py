@@ -211,6 +211,8 @@ def _sizing_section(summary: dict) -> list[str]:
         return out + [f"No time budget: the recipe's epochs (pretraining {pre}, SFT {sft}).", ""]
     m = plan["measured"]
     cached = plan["pretrain_epochs"] is None
+    if cached:  # a cached base may be longer than this run's recipe (e.g. a full base under --quick)
+        pre = f"{epochs['pretrain']:g} (cached base)"
     total = (summary.get("times") or {}).get("total", float("nan"))
     out += [f"Budget: {summary['budget']:.0f} s from cold"
             + (f"; this run found its base cached, so its tuning was sized for {plan['budget_s']:.0f} s" if cached
@@ -221,7 +223,7 @@ def _sizing_section(summary: dict) -> list[str]:
             "| | pretraining | SFT (each of full, LoRA) |", "|---|---:|---:|",
             f"| seconds per step, measured here | {m['pretrain_step_s']:.3f} | {m['sft_step_s']:.3f} |",
             f"| steps per epoch | {m['pretrain_steps_per_epoch']} | {m['sft_steps_per_epoch']} |",
-            f"| epochs trained (of the recipe's) | {pre}{' (cached base)' if cached else ''} | {sft} |", "",
+            f"| epochs trained (of the recipe's) | {pre} | {sft} |", "",
             f"Predicted total {plan['predicted_total_s']:.0f} s, measured {total:.0f} s"
             + ("" if plan["fits"] else " (the smallest plan was over the budget: this machine is too slow for it)")
             + ".", ""]
