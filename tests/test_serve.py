@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 
 from instructkit.data.encode import encode_prompt
-from instructkit.generate import SamplingConfig, generate
+from instructkit.generate import SamplingConfig, add_end_of_turn_stops, generate
 from instructkit.models import load_for_inference
 from instructkit.serve import Engine, ServerLimits, build_app
 
@@ -361,7 +361,17 @@ def test_disconnected_stream_stops_decoding(loaded):
     model, tok = loaded
     engine = Engine(model, tok, ServerLimits(max_tokens=200)).start()
     srv = Server(build_app(engine, "nano"))
-    hook = model.get_output_embeddings().register_forward_hook(lambda *a: time.sleep(0.02))
+    specials = sorted(set(tok.all_special_ids) | add_end_of_turn_stops(model, tok))
+
+    def slow_and_endless(module, args, logits):
+        # 20 ms a token, and no token that could end the reply: a sampled end-of-turn would finish
+        # the request on its own before the disconnect is seen (a CI flake).
+        time.sleep(0.02)
+        logits = logits.clone()
+        logits[..., specials] = float("-inf")
+        return logits
+
+    hook = model.get_output_embeddings().register_forward_hook(slow_and_endless)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
         body = json.dumps({"messages": MSGS, "max_tokens": 200, "stream": True, "temperature": 1.0})
