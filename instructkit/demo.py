@@ -263,27 +263,33 @@ def preference_run(method: str, start: Path, data_dir: Path, out: Path, seed: in
 
 
 RL_STAGES = ("grpo", "ppo")
+RL_STEPS, RL_STEPS_QUICK = 60, 6  # optimizer steps = rollouts of each RL stage (~3 minutes each on 2 cores)
 
 
 def rl_run(method: str, start: Path, data_dir: Path, out: Path, seed: int, steps: int) -> Path:
     """GRPO / PPO from the full SFT model on the curriculum's training prompts, the skills verifier as
-    reward. Settings of bench/RESULTS.md "Online RL on the skills curriculum" (GRPO B and PPO); one
-    optimizer step per rollout for GRPO, two (two passes) for PPO. No in-run evaluation: the stage is
-    evaluated afterwards like the others."""
+    reward, through a LoRA adapter (r 16 on every linear layer, lr 1e-3): the settings measured best in
+    bench/RESULTS.md ("Online RL from the current demo's SFT model" and "Online RL: PPO's lost training
+    answers come from its optimizer steps"). One optimizer step per rollout for both: GRPO 16 prompts x 8
+    completions with dynamic sampling, PPO 128 completions in one pass (more steps per rollout made PPO
+    unlearn memorised training answers). No in-run evaluation: the stage is evaluated afterwards like the
+    others. Returns the adapter folder (its base is ``start``)."""
     from instructkit.config import load_config
     from instructkit.methods import grpo, ppo
 
-    train = {"max_steps": steps, "lr": 1e-4, "schedule": "constant", "save_every": steps}
+    train = {"max_steps": steps, "lr": 1e-3, "schedule": "constant", "save_every": steps}
     rl = {"reward": "skills", "max_new_tokens": 24, "temperature": 1.0}
-    if method == "grpo":  # 16 prompts x 8 completions = 128 per rollout
+    if method == "grpo":  # 16 prompts x 8 completions = 128 per rollout, one step
         train.update(micro_batch_size=32, grad_accum=4)
-        rl.update(group_size=8, prompts_per_rollout=16, kl_coef=0.04, kl_estimator="k3", loss_aggregation="grpo")
-    else:  # 32 completions per rollout, two passes over each
-        train.update(micro_batch_size=16, grad_accum=2)
-        rl.update(prompts_per_rollout=32, rollout_epochs=2, kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95,
+        rl.update(group_size=8, prompts_per_rollout=16, sampling_rounds=4, kl_coef=0.04, kl_estimator="k3",
+                  loss_aggregation="grpo")
+    else:  # 128 completions per rollout, one pass, one step
+        train.update(micro_batch_size=16, grad_accum=8)
+        rl.update(prompts_per_rollout=128, rollout_epochs=1, kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95,
                   vf_coef=0.1, missing_stop_penalty=1.0)
     cfg = load_config(raw={"method": method, "seed": seed, "output_dir": str(out / method),
                            "model": {"name_or_path": str(start)},
+                           "lora": {"enabled": True, "r": 16, "alpha": 32, "target_modules": "all-linear"},
                            "data": {"train": str(data_dir / "train.jsonl"), "max_length": 256},
                            "train": train, "rl": rl})
     (grpo if method == "grpo" else ppo).main(cfg)
@@ -487,7 +493,7 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     after SFT: ``dpo`` and ``orpo`` (from the full SFT model, on the curriculum's preference pairs,
     evaluated like the others), ``reward`` (a reward model; its held-out pairwise accuracy), ``distill``
     and ``grpo`` / ``ppo`` (online RL from the full SFT model, the skills verifier as reward;
-    ``rl_steps`` optimizer steps, default 20 for both, 6 / 8 with ``quick``).
+    ``rl_steps`` optimizer steps = rollouts, default ``RL_STEPS``, ``RL_STEPS_QUICK`` with ``quick``).
 
     ``budget``: wall seconds for the run from cold (the CLI's default is 600, 180 with ``quick``). The demo
     times a few of its own training steps on this machine and trains as many epochs as fit, up to the
@@ -606,9 +612,9 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
         if method in RL_STAGES:
             _stage(7 + i, n_stages, f"{method.upper()} from the full SFT model (skills verifier as reward)")
             t = time.perf_counter()
-            steps = rl_steps or ({"grpo": 6, "ppo": 8}[method] if quick else 20)
+            steps = rl_steps or (RL_STEPS_QUICK if quick else RL_STEPS)
             final = rl_run(method, full, data_dir, out, seed, steps)
-            results[method] = evaluate_model(final, data_dir, out / f"eval-{method}", limit, probe)
+            results[method] = evaluate_model(final, data_dir, out / f"eval-{method}", limit, probe, base_dir=full)
             rl_results[method] = rl_summary(out / method, method)
             for name, when in (("sft-full", "start"), (method, "end")):  # validation, greedy, as for the others
                 val = results[name]["splits"]["validation"]

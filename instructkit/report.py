@@ -130,7 +130,8 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
     rl = summary.get("rl") or {}
     if rl:
         md += ["## Online RL stages (GRPO / PPO, skills verifier as reward)", "",
-               "Both start from the full SFT model and sample completions of the curriculum's training prompts; "
+               "Both train a LoRA adapter on the full SFT model, one optimizer step per rollout, sampling "
+               "completions of the curriculum's training prompts; "
                "the reward is the skills verifier (1 if the answer is right, 0 otherwise; PPO's score before its "
                "missing-stop penalty). Rollout reward is the mean over the first and the last third of the "
                "training rollouts (sampled at temperature 1, so it is not comparable with greedy accuracy); KL is "

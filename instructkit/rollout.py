@@ -27,8 +27,9 @@ from instructkit.data.encode import EncodedExample, encode_prompt
 from instructkit.data.errors import DataError
 from instructkit.data.packing import collate_padded
 from instructkit.data.pipeline import as_list
-from instructkit.distributed import is_main_process
+from instructkit.distributed import is_main_process, world_size
 from instructkit.generate import Generation, SamplingConfig, generate
+from instructkit.loop import plan_steps
 from instructkit.losses import token_logprobs
 from instructkit.models import target_logits
 
@@ -246,6 +247,18 @@ def micro_batches(prompt_ids: list[list[int]], gens: list[Generation], size: int
 
 def n_micro(n_sequences: int, size: int) -> int:
     return math.ceil(n_sequences / size)
+
+
+def steps_note(cfg: RunConfig, micro_per_rollout: int) -> str:
+    """``", N optimizer steps per rollout"`` for a method's start line.
+
+    Each step moves the policy as far as the learning rate allows, so this count, not the rollout
+    size, sets how far a rollout moves it: at LoRA lr 1e-3, PPO with 8 steps per rollout unlearned
+    memorised training answers that one step per rollout kept (bench/RESULTS.md, "Online RL: PPO's
+    lost training answers come from its optimizer steps").
+    """
+    per_rollout, _ = plan_steps(cfg.train, micro_per_rollout, world_size())
+    return f", {per_rollout} optimizer step{'s' if per_rollout != 1 else ''} per rollout"
 
 
 # ----------------------------------------------------------------------------------------------

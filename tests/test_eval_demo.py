@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from instructkit.evaluate.skills import evaluate_skills, load_split
 from instructkit.synth.skills import SPLITS
@@ -218,8 +219,9 @@ def test_demo_pipeline_end_to_end_at_miniature_scale(tmp_path):
 
 
 def test_demo_rl_stages_at_miniature_scale(tmp_path):
-    """`instructkit demo --with grpo,ppo` in miniature: both RL stages start from the full SFT model, are
-    evaluated like the other stages, and the summary and report carry their rollout reward and KL."""
+    """`instructkit demo --with grpo,ppo` in miniature: both RL stages train a LoRA adapter on the full SFT
+    model with one optimizer step per rollout, are evaluated like the other stages (adapter on its base),
+    and the summary and report carry their rollout reward and KL."""
     from instructkit.demo import run_demo
     from instructkit.report import write_report
 
@@ -228,10 +230,11 @@ def test_demo_rl_stages_at_miniature_scale(tmp_path):
     assert set(summary["results"]) == {"base", "sft-full", "sft-lora", "grpo", "ppo"}
     assert set(summary["rl"]) == {"grpo", "ppo"}
     for method, m in summary["rl"].items():
-        assert (tmp_path / "demo" / method / "final" / "config.json").exists()
-        cfg = (tmp_path / "demo" / method / "config.yaml").read_text()
-        assert "sft-full/final" in cfg and "reward: skills" in cfg
-        assert m["steps"] == 2 and m["rollouts"] == {"grpo": 2, "ppo": 1}[method]
+        assert (tmp_path / "demo" / method / "final" / "adapter_config.json").exists()
+        cfg = yaml.safe_load((tmp_path / "demo" / method / "config.yaml").read_text())
+        assert cfg["model"]["name_or_path"].endswith("sft-full/final") and cfg["rl"]["reward"] == "skills"
+        assert cfg["lora"]["enabled"] and cfg["train"]["lr"] == 1e-3
+        assert m["steps"] == 2 and m["rollouts"] == 2  # one optimizer step per rollout
         assert len(m["reward_per_rollout"]) == m["rollouts"]
         assert 0.0 <= m["reward_first_third"] <= 1.0 and 0.0 <= m["reward_last_third"] <= 1.0
         assert m["kl_ref_last_third"] == m["kl_ref_last_third"]  # logged (not NaN)
@@ -242,4 +245,4 @@ def test_demo_rl_stages_at_miniature_scale(tmp_path):
     assert saved["rl"]["ppo"]["reward_key"] == "score_mean" and saved["rl"]["grpo"]["reward_key"] == "reward_mean"
     md, _ = write_report(tmp_path / "demo", summary, ["instructkit demo --with grpo,ppo"])
     text = md.read_text()
-    assert "Online RL stages" in text and "| grpo | 2 (2) |" in text and "| ppo | 1 (2) |" in text
+    assert "Online RL stages" in text and "| grpo | 2 (2) |" in text and "| ppo | 2 (2) |" in text

@@ -37,7 +37,7 @@ def test_grpo_cli_runs_logs_telemetry_and_saves(tmp_path, tiny_model_dir, skills
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = proc.stderr
-    assert "grpo: 2 prompts x 4 completions per rollout" in err and "done: 2 steps" in err
+    assert "grpo: 2 prompts x 4 completions per rollout, 1 optimizer step per rollout" in err and "done: 2 steps" in err
     # A random model never stops within 8 tokens: the truncation alarm fires and is logged.
     assert "warning: rollout 0: fraction of completions that hit rl.max_new_tokens" in err
     run = tmp_path / "run"

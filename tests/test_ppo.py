@@ -30,7 +30,8 @@ def test_ppo_cli_runs_logs_telemetry_and_saves_value_head(tmp_path, tiny_model_d
     proc = subprocess.run([sys.executable, "-m", "instructkit", "train", str(path)], capture_output=True, text=True,
                           timeout=300, env={**__import__("os").environ, "PYTHONPATH": env_path})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ppo: 8 completions per rollout x 2 epochs" in proc.stderr and "done: 2 steps" in proc.stderr
+    assert "ppo: 8 completions per rollout x 2 epochs, 2 optimizer steps per rollout" in proc.stderr
+    assert "done: 2 steps" in proc.stderr
     run = tmp_path / "run"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]

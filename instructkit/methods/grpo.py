@@ -188,13 +188,14 @@ def main(cfg: RunConfig) -> LoopResult:
     add_end_of_turn_stops(model, tokenizer)
     trainable, total = count_trainable(model)
     reference = ro.make_reference(model, cfg)
+    rollouts = Rollouts(cfg, model, tokenizer, prompts, reward_fn, reference, device)
     print(f"model: {cfg.model.name_or_path} on {device}, {trainable:,} of {total:,} parameters trainable"
           f"{' (LoRA)' if cfg.lora.enabled else ''}; grpo: {rl.prompts_per_rollout} prompts x {rl.group_size} "
-          f"completions per rollout, {rl.loss_aggregation} aggregation, kl_coef {rl.kl_coef}"
+          f"completions per rollout{ro.steps_note(cfg, rollouts.micro_per_epoch)}, {rl.loss_aggregation} "
+          f"aggregation, kl_coef {rl.kl_coef}"
           f"{' (reference: adapters off)' if reference and cfg.lora.enabled else ' (reference: frozen copy)' if reference else ''}",
           file=sys.stderr)
     dump_config(cfg, out_dir / "config.yaml")
-    rollouts = Rollouts(cfg, model, tokenizer, prompts, reward_fn, reference, device)
     loss_fn, count_fn = make_loss_fn(cfg)
 
     evaluate, start = ro.rl_evaluation(model, tokenizer, prompts, evals, reward_fn, cfg)

@@ -207,12 +207,12 @@ def main(cfg: RunConfig) -> LoopResult:
     reference = ro.make_reference(model, cfg)  # before the value head, so a frozen copy has none
     attach_value_head(model)
     trainable, total = count_trainable(model)
+    rollouts = Rollouts(cfg, model, tokenizer, prompts, reward_fn, reference, device)
     print(f"model: {cfg.model.name_or_path} on {device}, {trainable:,} of {total:,} parameters trainable"
           f"{' (LoRA)' if cfg.lora.enabled else ''} (value head included); ppo: {rl.prompts_per_rollout} "
-          f"completions per rollout x {rl.rollout_epochs} epochs, kl_coef {rl.kl_coef}"
-          f"{f' (adaptive, target {rl.kl_target})' if rl.kl_target else ''}", file=sys.stderr)
+          f"completions per rollout x {rl.rollout_epochs} epochs{ro.steps_note(cfg, rollouts.micro_per_epoch)}, "
+          f"kl_coef {rl.kl_coef}{f' (adaptive, target {rl.kl_target})' if rl.kl_target else ''}", file=sys.stderr)
     dump_config(cfg, out_dir / "config.yaml")
-    rollouts = Rollouts(cfg, model, tokenizer, prompts, reward_fn, reference, device)
     loss_fn, count_fn = make_loss_fn(cfg)
 
     evaluate, start = ro.rl_evaluation(model, tokenizer, prompts, evals, reward_fn, cfg)
