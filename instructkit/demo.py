@@ -610,7 +610,7 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
     rl_results = {}
     for i, method in enumerate(with_stages):
         if method in RL_STAGES:
-            _stage(7 + i, n_stages, f"{method.upper()} from the full SFT model (skills verifier as reward)")
+            _stage(7 + i, n_stages, f"{method.upper()} from the full SFT model (LoRA, skills verifier as reward)")
             t = time.perf_counter()
             steps = rl_steps or (RL_STEPS_QUICK if quick else RL_STEPS)
             final = rl_run(method, full, data_dir, out, seed, steps)
