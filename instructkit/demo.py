@@ -271,8 +271,8 @@ def rl_run(method: str, start: Path, data_dir: Path, out: Path, seed: int, steps
     reward, through a LoRA adapter (r 16 on every linear layer, lr 1e-3): the settings measured best in
     bench/RESULTS.md ("Online RL from the current demo's SFT model" and "Online RL: PPO's lost training
     answers come from its optimizer steps"). One optimizer step per rollout for both: GRPO 16 prompts x 8
-    completions with dynamic sampling, PPO 128 completions in one pass (more steps per rollout made PPO
-    unlearn memorised training answers). No in-run evaluation: the stage is evaluated afterwards like the
+    completions with dynamic sampling, PPO 128 completions in one pass (with several steps per rollout,
+    PPO unlearned memorised training answers). No in-run evaluation: the stage is evaluated afterwards like the
     others. Returns the adapter folder (its base is ``start``)."""
     from instructkit.config import load_config
     from instructkit.methods import grpo, ppo

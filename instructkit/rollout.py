@@ -252,10 +252,10 @@ def n_micro(n_sequences: int, size: int) -> int:
 def steps_note(cfg: RunConfig, micro_per_rollout: int) -> str:
     """``", N optimizer steps per rollout"`` for a method's start line.
 
-    Each step moves the policy as far as the learning rate allows, so this count, not the rollout
-    size, sets how far a rollout moves it: at LoRA lr 1e-3, PPO with 8 steps per rollout unlearned
-    memorised training answers that one step per rollout kept (bench/RESULTS.md, "Online RL: PPO's
-    lost training answers come from its optimizer steps").
+    Each Adam step moves the policy about as far as the learning rate allows, whatever the rollout's
+    size, so steps x rollouts sets how far a run goes: at LoRA lr 1e-3, PPO with 2-8 steps per rollout
+    (120-480 steps) unlearned memorised training answers that one step per rollout (60) kept
+    (bench/RESULTS.md, "Online RL: PPO's lost training answers come from its optimizer steps").
     """
     per_rollout, _ = plan_steps(cfg.train, micro_per_rollout, world_size())
     return f", {per_rollout} optimizer step{'s' if per_rollout != 1 else ''} per rollout"
