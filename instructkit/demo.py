@@ -451,6 +451,9 @@ def closeness_to_teacher(teacher: Path, students: dict[str, Path], data_dir: Pat
 OPTIONAL_STAGES = PREFERENCE_STAGES + DISTILL_STAGES + RL_STAGES
 
 
+EVAL_MAX_NEW_TOKENS = 48  # every skills answer fits; the report's eval commands pass the same
+
+
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpus_lines: list[str],
                    base_dir: Path | None = None) -> dict:
     """Evaluate a full model folder, or an adapter folder on top of ``base_dir``."""
@@ -462,7 +465,7 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
     else:
         model, tokenizer = load_for_inference(model_dir)
     metrics, samples = evaluate_skills(model, tokenizer, data_dir, limit=limit, corpus_lines=corpus_lines,
-                                       max_new_tokens=48, batch_size=64)
+                                       max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=64)
     write_eval(out, metrics, samples)
     return metrics
 

@@ -246,3 +246,27 @@ def test_demo_rl_stages_at_miniature_scale(tmp_path):
     md, _ = write_report(tmp_path / "demo", summary, ["instructkit demo --with grpo,ppo"])
     text = md.read_text()
     assert "Online RL stages" in text and "| grpo | 2 (2) |" in text and "| ppo | 2 (2) |" in text
+
+
+def test_reproduce_commands_evaluate_every_stage_as_the_demo_did():
+    """The report's reproduce list evaluates each evaluated stage with the demo's settings: RL stages as
+    adapters on the full SFT model, no eval for the reward model, and commands the CLI accepts."""
+    import shlex
+
+    from instructkit.cli import build_parser, demo_commands
+    from instructkit.demo import EVAL_MAX_NEW_TOKENS
+
+    summary = {"base": "cache/demo/base-abc/final", "limit": 40}
+    cmds = demo_commands("runs/d", " --quick", 3, summary, ("dpo", "reward", "distill", "grpo", "ppo"))
+    assert cmds[0].startswith("instructkit demo --out runs/d --quick --seed 3")
+    evals = [c for c in cmds if c.startswith("instructkit eval ")]
+    outs = [c.split("--out ")[1].split()[0] for c in evals]
+    assert outs == [f"runs/d/eval-{m}" for m in ("base", "sft-full", "sft-lora", "dpo", "grpo", "ppo",
+                                                   "student-sft", "student-kd", "student-seqkd")]
+    grpo = next(c for c in evals if "eval-grpo" in c)
+    assert "--model runs/d/sft-full/final --adapter runs/d/grpo/final" in grpo
+    parser = build_parser()
+    for c in evals:
+        args = parser.parse_args(shlex.split(c)[1:])
+        assert args.limit == 40 and args.max_new_tokens == EVAL_MAX_NEW_TOKENS and args.data == "runs/d/data"
+    assert "instructkit train runs/d/reward/config.yaml" in cmds and "instructkit train runs/d/grpo/config.yaml" in cmds
