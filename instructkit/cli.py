@@ -238,43 +238,9 @@ def cmd_synth_skills(args) -> int:
     return 0
 
 
-def demo_commands(out_arg: str, flags: str, seed: int, summary: dict, stages: tuple[str, ...]) -> list[str]:
-    """The report's "Reproduce" list: the demo in one command, then each step it ran, with the same settings."""
-    from instructkit.demo import EVAL_MAX_NEW_TOKENS
-
-    out = Path(out_arg)
-
-    def evaluate(model: str, name: str) -> str:
-        return (f"instructkit eval {model} --data {out / 'data'} --out {out / name} --limit {summary['limit']}"
-                f" --max-new-tokens {EVAL_MAX_NEW_TOKENS}")
-
-    commands = [
-        f"instructkit demo --out {out_arg}{flags} --seed {seed}   # everything below in one command",
-        f"instructkit synth skills --out {out / 'data'} --seed {seed}",
-        f"instructkit train {Path(summary['base']).parent / 'config.yaml'}   # the base: pretraining (Muon, one fact per block)",
-        f"instructkit train {out / 'sft-full/config.yaml'}        # base model: {summary['base']}",
-        f"instructkit train {out / 'sft-lora/config.yaml'}",
-        evaluate(f"--model {summary['base']}", "eval-base"),
-        evaluate(f"--model {out / 'sft-full/final'}", "eval-sft-full"),
-        evaluate(f"--model {summary['base']} --adapter {out / 'sft-lora/final'}", "eval-sft-lora"),
-    ] + [f"instructkit train {out / m / 'config.yaml'}" for m in stages if m != "distill"]
-    evaluated = [m for m in stages if m not in ("distill", "reward")]  # a reward model is scored on pairs in training
-    if "distill" in stages:
-        students = ["student-sft", "student-kd", "student-seqkd"]
-        commands += [f"instructkit synth distill-data --teacher {out / 'sft-full/final'} --prompts {out / 'data/train.jsonl'}"
-                     f" --out {out / 'distill-data/train.jsonl'} --max-new-tokens 48"] + \
-            [f"instructkit train {out / m / 'config.yaml'}" for m in students]
-        evaluated += students
-    for m in evaluated:  # the RL stages are LoRA adapters on the full SFT model
-        model = (f"--model {out / 'sft-full/final'} --adapter {out / m / 'final'}" if m in ("grpo", "ppo")
-                 else f"--model {out / m / 'final'}")
-        commands.append(evaluate(model, f"eval-{m}"))
-    return commands
-
-
 def cmd_demo(args) -> int:
     """The embedded default: skills curriculum, pretrained tiny base, SFT, evaluation, report."""
-    from instructkit.demo import OPTIONAL_STAGES, run_demo
+    from instructkit.demo import OPTIONAL_STAGES, reproduce_commands, run_demo
     from instructkit.report import write_report
 
     stages = tuple(x.strip() for x in args.with_stages.split(",") if x.strip()) if args.with_stages else ()
@@ -290,7 +256,7 @@ def cmd_demo(args) -> int:
                        with_stages=stages, budget=budget)
     out = Path(args.out)
     q = (" --quick" if args.quick else "") + (f" --budget {args.budget:g}" if args.budget is not None else "")
-    commands = demo_commands(args.out, q, args.seed, summary, stages)
+    commands = reproduce_commands(args.out, q, args.seed, summary, stages)
     md, html_path = write_report(out, summary, commands)
     res = summary["results"]
     w = {m: max(11, len(m) + 2) for m in res}  # column widths: student-seqkd is longer than 11

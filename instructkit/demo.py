@@ -470,6 +470,38 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
     return metrics
 
 
+def reproduce_commands(out_arg: str, flags: str, seed: int, summary: dict, stages: tuple[str, ...]) -> list[str]:
+    """The report's "Reproduce" list: the demo in one command, then each step it ran, with the same settings."""
+    out = Path(out_arg)
+
+    def evaluate(model: str, name: str) -> str:
+        return (f"instructkit eval {model} --data {out / 'data'} --out {out / name} --limit {summary['limit']}"
+                f" --max-new-tokens {EVAL_MAX_NEW_TOKENS}")
+
+    commands = [
+        f"instructkit demo --out {out_arg}{flags} --seed {seed}   # everything below in one command",
+        f"instructkit synth skills --out {out / 'data'} --seed {seed}",
+        f"instructkit train {Path(summary['base']).parent / 'config.yaml'}   # the base: pretraining (Muon, one fact per block)",
+        f"instructkit train {out / 'sft-full/config.yaml'}        # base model: {summary['base']}",
+        f"instructkit train {out / 'sft-lora/config.yaml'}",
+        evaluate(f"--model {summary['base']}", "eval-base"),
+        evaluate(f"--model {out / 'sft-full/final'}", "eval-sft-full"),
+        evaluate(f"--model {summary['base']} --adapter {out / 'sft-lora/final'}", "eval-sft-lora"),
+    ] + [f"instructkit train {out / m / 'config.yaml'}" for m in stages if m != "distill"]
+    evaluated = [m for m in stages if m not in ("distill", "reward")]  # a reward model is scored on pairs in training
+    if "distill" in stages:
+        students = ["student-sft", "student-kd", "student-seqkd"]
+        commands += [f"instructkit synth distill-data --teacher {out / 'sft-full/final'} --prompts {out / 'data/train.jsonl'}"
+                     f" --out {out / 'distill-data/train.jsonl'} --max-new-tokens 48"] + \
+            [f"instructkit train {out / m / 'config.yaml'}" for m in students]
+        evaluated += students
+    for m in evaluated:  # the RL stages are LoRA adapters on the full SFT model
+        model = (f"--model {out / 'sft-full/final'} --adapter {out / m / 'final'}" if m in ("grpo", "ppo")
+                 else f"--model {out / m / 'final'}")
+        commands.append(evaluate(model, f"eval-{m}"))
+    return commands
+
+
 def plan_message(plan, measured: dict, pretrain_epochs: float, max_pretrain: float, max_sft: float) -> str:
     """One line on how this run was sized, for the console and the report."""
     base = (f"pretraining {plan.pretrain_epochs:g} of {max_pretrain:g} epochs" if plan.pretrain_epochs is not None

@@ -253,11 +253,11 @@ def test_reproduce_commands_evaluate_every_stage_as_the_demo_did():
     adapters on the full SFT model, no eval for the reward model, and commands the CLI accepts."""
     import shlex
 
-    from instructkit.cli import build_parser, demo_commands
-    from instructkit.demo import EVAL_MAX_NEW_TOKENS
+    from instructkit.cli import build_parser
+    from instructkit.demo import EVAL_MAX_NEW_TOKENS, reproduce_commands
 
     summary = {"base": "cache/demo/base-abc/final", "limit": 40}
-    cmds = demo_commands("runs/d", " --quick", 3, summary, ("dpo", "reward", "distill", "grpo", "ppo"))
+    cmds = reproduce_commands("runs/d", " --quick", 3, summary, ("dpo", "reward", "distill", "grpo", "ppo"))
     assert cmds[0].startswith("instructkit demo --out runs/d --quick --seed 3")
     evals = [c for c in cmds if c.startswith("instructkit eval ")]
     outs = [c.split("--out ")[1].split()[0] for c in evals]
