@@ -228,6 +228,8 @@ def sft_run(name: str, base: Path, data_dir: Path, out: Path, lora: bool, epochs
     return out / f"sft-{name}" / "final"
 
 
+ANSWER_TOKENS = 48  # new tokens for a skills answer (every one fits): evaluation, teacher replies, reproduce commands
+
 PREFERENCE_STAGES = ("dpo", "orpo", "reward")
 # Plain DPO lowers the demo's validation exact match (30.6% -> 23.1%): held-out chosen replies lose
 # likelihood along with the rejected ones. RPO's NLL term on the chosen reply keeps it (32.0%).
@@ -326,6 +328,7 @@ def rl_summary(run_dir: Path, method: str) -> dict:
 
 
 DISTILL_STAGES = ("distill",)
+STUDENTS = ("student-sft", "student-kd", "student-seqkd")  # the nano students of --with distill
 
 
 def student_base(teacher_base: Path, data_dir: Path, cache_dir: Path, recipe: dict) -> Path:
@@ -378,13 +381,13 @@ def distill_demo(teacher: Path, teacher_base: Path, data_dir: Path, out: Path, c
     seq_data = out / "distill-data" / "train.jsonl"
     generator = LocalGenerator(teacher, batch_size=64)
     seq_summary = distill_data(generator, data_dir / "train.jsonl", seq_data,
-                               sampling=Sampling(max_tokens=48, temperature=0.0), chunk=512, keep_truncated=True)
+                               sampling=Sampling(max_tokens=ANSWER_TOKENS, temperature=0.0), chunk=512, keep_truncated=True)
     sft.main(load_config(raw=raw("student-sft", data_dir / "train.jsonl", method="sft")))
     distill.main(load_config(raw=raw("student-kd", data_dir / "train.jsonl", method="distill",
                                      distill={"teacher": str(teacher), "alpha": 0.5, "kind": "forward_kl",
                                               "temperature": 1.0, "top_k": 64, "teacher_logits": "cache",
                                               "cache_dir": str(out / "teacher-cache")})))
-    names = ("student-sft", "student-kd", "student-seqkd")
+    names = STUDENTS
     if seq_summary["records_total"]:
         sft.main(load_config(raw=raw("student-seqkd", seq_data, method="sft")))
     else:  # a teacher that only ever answers with nothing (e.g. a barely tuned one) leaves nothing to learn
@@ -417,7 +420,7 @@ def closeness_to_teacher(teacher: Path, students: dict[str, Path], data_dir: Pat
     out.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(data_dir / "validation.jsonl", limit)
     requests = [r["_prompt"] for r in prompts]
-    greedy = Sampling(max_tokens=48, temperature=0.0)
+    greedy = Sampling(max_tokens=ANSWER_TOKENS, temperature=0.0)
 
     def replies(gen: LocalGenerator) -> list[str]:
         return [g.text.strip() for g in gen.generate(requests, greedy)]
@@ -451,9 +454,6 @@ def closeness_to_teacher(teacher: Path, students: dict[str, Path], data_dir: Pat
 OPTIONAL_STAGES = PREFERENCE_STAGES + DISTILL_STAGES + RL_STAGES
 
 
-EVAL_MAX_NEW_TOKENS = 48  # every skills answer fits; the report's eval commands pass the same
-
-
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpus_lines: list[str],
                    base_dir: Path | None = None) -> dict:
     """Evaluate a full model folder, or an adapter folder on top of ``base_dir``."""
@@ -465,18 +465,26 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, limit: int, corpu
     else:
         model, tokenizer = load_for_inference(model_dir)
     metrics, samples = evaluate_skills(model, tokenizer, data_dir, limit=limit, corpus_lines=corpus_lines,
-                                       max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=64)
+                                       max_new_tokens=ANSWER_TOKENS, batch_size=64)
     write_eval(out, metrics, samples)
     return metrics
 
 
 def reproduce_commands(out_arg: str, flags: str, seed: int, summary: dict, stages: tuple[str, ...]) -> list[str]:
-    """The report's "Reproduce" list: the demo in one command, then each step it ran, with the same settings."""
+    """The report's "Reproduce" list: the demo in one command, then each step it ran with the same settings,
+    and the evaluation of every model in ``summary["results"]`` (what the run evaluated)."""
     out = Path(out_arg)
+    results = summary["results"]
+    students = [n for n in STUDENTS if n in results]  # sequence-level KD is skipped when the teacher gave nothing
 
-    def evaluate(model: str, name: str) -> str:
-        return (f"instructkit eval {model} --data {out / 'data'} --out {out / name} --limit {summary['limit']}"
-                f" --max-new-tokens {EVAL_MAX_NEW_TOKENS}")
+    def model_args(name: str) -> str:
+        if name == "base":
+            return f"--model {summary['base']}"
+        if name == "sft-lora":
+            return f"--model {summary['base']} --adapter {out / 'sft-lora/final'}"
+        if name in RL_STAGES:  # LoRA adapters on the full SFT model
+            return f"--model {out / 'sft-full/final'} --adapter {out / name / 'final'}"
+        return f"--model {out / name / 'final'}"
 
     commands = [
         f"instructkit demo --out {out_arg}{flags} --seed {seed}   # everything below in one command",
@@ -484,22 +492,13 @@ def reproduce_commands(out_arg: str, flags: str, seed: int, summary: dict, stage
         f"instructkit train {Path(summary['base']).parent / 'config.yaml'}   # the base: pretraining (Muon, one fact per block)",
         f"instructkit train {out / 'sft-full/config.yaml'}        # base model: {summary['base']}",
         f"instructkit train {out / 'sft-lora/config.yaml'}",
-        evaluate(f"--model {summary['base']}", "eval-base"),
-        evaluate(f"--model {out / 'sft-full/final'}", "eval-sft-full"),
-        evaluate(f"--model {summary['base']} --adapter {out / 'sft-lora/final'}", "eval-sft-lora"),
     ] + [f"instructkit train {out / m / 'config.yaml'}" for m in stages if m != "distill"]
-    evaluated = [m for m in stages if m not in ("distill", "reward")]  # a reward model is scored on pairs in training
     if "distill" in stages:
-        students = ["student-sft", "student-kd", "student-seqkd"]
         commands += [f"instructkit synth distill-data --teacher {out / 'sft-full/final'} --prompts {out / 'data/train.jsonl'}"
-                     f" --out {out / 'distill-data/train.jsonl'} --max-new-tokens 48"] + \
+                     f" --out {out / 'distill-data/train.jsonl'} --max-new-tokens {ANSWER_TOKENS}"] + \
             [f"instructkit train {out / m / 'config.yaml'}" for m in students]
-        evaluated += students
-    for m in evaluated:  # the RL stages are LoRA adapters on the full SFT model
-        model = (f"--model {out / 'sft-full/final'} --adapter {out / m / 'final'}" if m in ("grpo", "ppo")
-                 else f"--model {out / m / 'final'}")
-        commands.append(evaluate(model, f"eval-{m}"))
-    return commands
+    return commands + [f"instructkit eval {model_args(m)} --data {out / 'data'} --out {out / f'eval-{m}'}"
+                       f" --limit {summary['limit']} --max-new-tokens {ANSWER_TOKENS}" for m in results]
 
 
 def plan_message(plan, measured: dict, pretrain_epochs: float, max_pretrain: float, max_sft: float) -> str:

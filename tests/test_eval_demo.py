@@ -249,24 +249,28 @@ def test_demo_rl_stages_at_miniature_scale(tmp_path):
 
 
 def test_reproduce_commands_evaluate_every_stage_as_the_demo_did():
-    """The report's reproduce list evaluates each evaluated stage with the demo's settings: RL stages as
-    adapters on the full SFT model, no eval for the reward model, and commands the CLI accepts."""
+    """The report's reproduce list evaluates each model the demo evaluated, with the demo's settings: RL
+    stages as adapters on the full SFT model, no eval for the reward model, and commands the CLI accepts."""
     import shlex
 
     from instructkit.cli import build_parser
-    from instructkit.demo import EVAL_MAX_NEW_TOKENS, reproduce_commands
+    from instructkit.demo import ANSWER_TOKENS, reproduce_commands
 
-    summary = {"base": "cache/demo/base-abc/final", "limit": 40}
+    evaluated = ("base", "sft-full", "sft-lora", "dpo", "student-sft", "student-kd", "student-seqkd", "grpo", "ppo")
+    summary = {"base": "cache/demo/base-abc/final", "limit": 40, "results": dict.fromkeys(evaluated, {})}
     cmds = reproduce_commands("runs/d", " --quick", 3, summary, ("dpo", "reward", "distill", "grpo", "ppo"))
     assert cmds[0].startswith("instructkit demo --out runs/d --quick --seed 3")
     evals = [c for c in cmds if c.startswith("instructkit eval ")]
     outs = [c.split("--out ")[1].split()[0] for c in evals]
-    assert outs == [f"runs/d/eval-{m}" for m in ("base", "sft-full", "sft-lora", "dpo", "grpo", "ppo",
-                                                   "student-sft", "student-kd", "student-seqkd")]
+    assert outs == [f"runs/d/eval-{m}" for m in evaluated]
     grpo = next(c for c in evals if "eval-grpo" in c)
     assert "--model runs/d/sft-full/final --adapter runs/d/grpo/final" in grpo
     parser = build_parser()
     for c in evals:
         args = parser.parse_args(shlex.split(c)[1:])
-        assert args.limit == 40 and args.max_new_tokens == EVAL_MAX_NEW_TOKENS and args.data == "runs/d/data"
+        assert args.limit == 40 and args.max_new_tokens == ANSWER_TOKENS and args.data == "runs/d/data"
     assert "instructkit train runs/d/reward/config.yaml" in cmds and "instructkit train runs/d/grpo/config.yaml" in cmds
+    # A skipped student (sequence-level KD with no teacher replies) gets neither a train nor an eval command.
+    del summary["results"]["student-seqkd"]
+    cmds = reproduce_commands("runs/d", "", 3, summary, ("distill",))
+    assert not [c for c in cmds if "student-seqkd" in c] and "instructkit train runs/d/student-kd/config.yaml" in cmds
