@@ -222,8 +222,9 @@ class Engine:
             self.cond.notify()
 
     def _take_batch(self) -> list[Job]:
-        while self.pending and self.pending[0].cancelled:
+        while self.pending and self.pending[0].cancelled:  # its client left while it waited
             self.pending.popleft()
+            self.stats["cancelled"] += 1
         if not self.pending:
             return []
         first = self.pending.popleft()

@@ -365,7 +365,7 @@ def test_disconnected_stream_stops_decoding(loaded):
 
     def slow_and_endless(module, args, logits):
         # 20 ms a token, and no token that could end the reply: a sampled end-of-turn would finish
-        # the request on its own before the disconnect is seen (a CI flake).
+        # the request on its own before the disconnect is seen.
         time.sleep(0.02)
         logits = logits.clone()
         logits[..., specials] = float("-inf")
@@ -377,7 +377,14 @@ def test_disconnected_stream_stops_decoding(loaded):
         body = json.dumps({"messages": MSGS, "max_tokens": 200, "stream": True, "temperature": 1.0})
         conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
-        assert resp.readline().startswith(b"data: ")  # decoding has started
+        # The first event (the assistant role) is sent before the worker takes the job; wait for a token,
+        # so the disconnect lands while decoding (a CI flake when the worker was slow to start).
+        while True:
+            line = resp.readline()
+            assert line, "the stream ended before any token"
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break
+        assert engine.busy
         t0 = time.time()
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
