@@ -220,7 +220,9 @@ class RLConfig(_Section):
                                    "better ones are pushed up; 0 = learn only from the better completions.")
     rollout_epochs: int = Field(1, gt=0, description="Passes over each rollout (PPO/GRPO mu).")
     max_new_tokens: int = Field(64, gt=0, description="Completion length limit.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts; old-policy, "
+                               "reference and trained log-probs are all taken at it (logits / T), so the "
+                               "run optimises the distribution it samples from.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of rollouts.")
     top_k: int = Field(0, ge=0, description="Top-k sampling of rollouts (0 = off).")
     clip_eps: float = Field(0.2, gt=0.0, description="PPO clip range of the probability ratio.")

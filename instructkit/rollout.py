@@ -196,27 +196,38 @@ def scatter_completion(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask.bool(), flat)
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits of the distribution rollouts sample from: ``logits / rl.temperature``.
+
+    Ratios, KL terms and the policy gradient are taken on the sampling distribution itself (as TRL and
+    verl do), so a run at T = 0.7 optimises the T = 0.7 policy it samples rather than the T = 1 one.
+    """
+    return logits if temperature == 1.0 else logits / temperature
+
+
 @torch.no_grad()
-def completion_logps(model, batch: dict) -> torch.Tensor:
-    """(B, T) log-probs of each row's completion tokens (0 at padding), no gradient."""
+def completion_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-probs of each row's completion tokens at ``temperature`` (0 at padding), no gradient."""
     logits, targets = target_logits(model, batch)
-    return scatter_completion(token_logprobs(logits, targets), batch["completion_mask"])
+    return scatter_completion(token_logprobs(tempered(logits, temperature), targets), batch["completion_mask"])
 
 
 def make_reference(model, cfg: RunConfig):
     """``batch -> (B, T) reference log-probs``: adapters disabled under LoRA, otherwise a frozen copy of the
-    initial weights; None when ``rl.kl_coef`` is 0 (no reference in memory)."""
+    initial weights; None when ``rl.kl_coef`` is 0 (no reference in memory). Log-probs are at
+    ``rl.temperature``, like the policy's."""
     if cfg.rl.kl_coef == 0:
         return None
+    t = cfg.rl.temperature
     if cfg.lora.enabled:
         def ref(batch):
             with adapters_off(model):
-                return completion_logps(model, batch)
+                return completion_logps(model, batch, t)
         return ref
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    return lambda batch: completion_logps(frozen, batch)
+    return lambda batch: completion_logps(frozen, batch, t)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,3 +150,44 @@ def test_dynamic_sampling_keeps_groups_with_reward_variance(monkeypatch, tmp_pat
     for g, w in zip(groups, weighted):
         assert torch.allclose(w[2], torch.where(g[2] < 0, 0.25 * g[2], g[2]))
     assert any(float(g[2].min()) < 0 for g in groups)  # the check above is not vacuous
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_log_probs_are_taken_at_the_sampling_temperature(tmp_path, tiny_model_dir, skills, method):
+    """At rl.temperature T the rollout samples from softmax(logits / T), so its old-policy and reference
+    log-probs are log softmax(logits / T) of each completion token (checked against a hand computation), and
+    the loss, on the untouched policy, sees a ratio of exactly 1 (approx_kl 0): the same T on both sides."""
+    from instructkit import rollout as ro
+    from instructkit.config import load_config
+    from instructkit.data.pipeline import prepare_template
+    from instructkit.methods import grpo, ppo
+    from instructkit.models import load_model, load_tokenizer
+
+    cfg = load_config(_config(tmp_path, tiny_model_dir, skills),
+                      [f"method={method}", "rl.temperature=0.5", "rl.kl_coef=0.1", "rl.prompts_per_rollout=2"])
+    tok = load_tokenizer(cfg.model)
+    template, _ = prepare_template(tok, cfg.data)
+    _, prompts, _ = ro.load_rl_data(cfg, tok, template)
+    torch.manual_seed(0)
+    model = load_model(cfg.model, cfg.lora, torch.device("cpu"))
+    mod = grpo if method == "grpo" else ppo
+    if method == "ppo":
+        ppo.attach_value_head(model)
+    reference = ro.make_reference(model, cfg)
+    reward = lambda recs, msgs, texts: [float(len(t) % 2) for t in texts]  # noqa: E731 (reward variance)
+    micro = mod.Rollouts(cfg, model, tok, prompts, reward, reference, torch.device("cpu"))(0)
+    loss_fn, _ = mod.make_loss_fn(cfg)
+    model.eval()
+    for b in micro:
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        by_hand = torch.log_softmax(logits / 0.5, -1).gather(-1, b["labels"][:, 1:].clamp(min=0)[..., None])[..., 0]
+        by_hand = by_hand[b["labels"][:, 1:] != -100]
+        mask = b["completion_mask"].bool()
+        assert torch.allclose(b["old_logp"][mask], by_hand, atol=1e-4)
+        assert torch.allclose(b["ref_logp"][mask], by_hand, atol=1e-4)  # the reference is the start policy
+        untempered = torch.log_softmax(logits, -1).gather(-1, b["labels"][:, 1:].clamp(min=0)[..., None])[..., 0]
+        assert not torch.allclose(b["old_logp"][mask], untempered[b["labels"][:, 1:] != -100], atol=1e-2)
+        with torch.no_grad():
+            out = loss_fn(model, b)
+        assert out.metrics["approx_kl"] < 1e-6 and out.metrics["clip_fraction"] == 0.0

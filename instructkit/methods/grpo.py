@@ -105,7 +105,7 @@ class Rollouts(ro.CarriedState):
         for k, b in enumerate(micro):
             b["advantages"] = adv[k * self.mbs:(k + 1) * self.mbs].clone()
             on_dev = {key: v.to(self.device) for key, v in b.items()}
-            b["old_logp"] = ro.completion_logps(self.model, on_dev).cpu()
+            b["old_logp"] = ro.completion_logps(self.model, on_dev, rl.temperature).cpu()
             if self.reference is not None:
                 b["ref_logp"] = self.reference(on_dev).cpu()
                 kl = kl_estimate(b["old_logp"], b["ref_logp"], rl.kl_estimator or "k3")
@@ -144,6 +144,7 @@ def make_loss_fn(cfg: RunConfig):
 
     def loss_fn(model, batch: dict) -> StepOutput:
         logits, targets = target_logits(model, batch)
+        logits = ro.tempered(logits, rl.temperature)  # the distribution the rollout sampled from
         mask = batch["completion_mask"].bool()
         logp = ro.scatter_completion(token_logprobs(logits, targets), mask)
         adv = batch["advantages"].float()[:, None].expand_as(logp)

@@ -48,8 +48,9 @@ def attach_value_head(model) -> torch.nn.Linear:
     return vh
 
 
-def policy_and_values(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) log-probs and values at completion positions, from one decoder pass.
+def policy_and_values(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) log-probs (at the sampling ``temperature``) and values at completion positions, from one
+    decoder pass.
 
     The value of token t is read where the policy predicts it (the hidden state just before it),
     and logits are computed only at completion positions, as in ``models.target_logits``.
@@ -63,6 +64,7 @@ def policy_and_values(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     softcap = getattr(base.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    logits = ro.tempered(logits, temperature)
     mask = batch["completion_mask"]
     logp = ro.scatter_completion(token_logprobs(logits, batch["labels"][:, 1:][select]), mask)
     values = ro.scatter_completion(model.value_head(h.float()).squeeze(-1).float(), mask)
@@ -123,7 +125,7 @@ class Rollouts(ro.CarriedState):
         kl_tok, kl_seq, n_tok = 0.0, [], 0
         for k, b in enumerate(micro):
             on_dev = {key: v.to(self.device) for key, v in b.items()}
-            old_logp, old_values, _ = policy_and_values(self.model, on_dev)
+            old_logp, old_values, _ = policy_and_values(self.model, on_dev, rl.temperature)
             mask = on_dev["completion_mask"].float()
             rewards = torch.zeros_like(old_logp)
             if self.reference is not None:
@@ -169,7 +171,7 @@ def make_loss_fn(cfg: RunConfig):
         return int(batch["completion_mask"].sum())
 
     def loss_fn(model, batch: dict) -> StepOutput:
-        logp, values, logits = policy_and_values(model, batch)
+        logp, values, logits = policy_and_values(model, batch, rl.temperature)
         mask = batch["completion_mask"].float()
         pg, clipped = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], rl.clip_eps, rl.clip_eps_high)
         vl, v_clipped = ppo_value_loss(values, batch["old_values"], batch["returns"], rl.vf_clip)
