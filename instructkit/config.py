@@ -244,6 +244,10 @@ class RLConfig(_Section):
     kl_target: float | None = Field(None, gt=0.0, description="ppo: adaptive KL controller target (per-sequence "
                                     "KL); null = fixed kl_coef.")
     kl_horizon: float = Field(10000.0, gt=0.0, description="ppo: adaptive KL controller horizon (sequences).")
+    value_warmup_rollouts: int = Field(0, ge=0, description="ppo: the first this-many rollouts train only the "
+                                       "value head (on detached hidden states; the policy does not move), so "
+                                       "the policy's first advantages come from a critic that has seen "
+                                       "returns. They count in train.max_steps / epochs like any rollout.")
     missing_stop_penalty: float = Field(0.0, ge=0.0, description="ppo: subtracted from the score of a completion "
                                         "that never stopped (hit max_new_tokens).")
     eval_prompts: int = Field(64, ge=0, description="Validation prompts answered greedily at each evaluation.")
@@ -298,6 +302,9 @@ class RunConfig(_Section):
         if self.method in ("grpo", "ppo") and self.rl.max_new_tokens >= self.data.max_length:
             raise ValueError(f"rl.max_new_tokens ({self.rl.max_new_tokens}) must be below data.max_length "
                              f"({self.data.max_length}), which bounds prompt + completion")
+        if self.method != "ppo" and self.rl.value_warmup_rollouts:
+            raise ValueError("rl.value_warmup_rollouts warms up PPO's value head; other methods have none "
+                             "(use method: ppo, or value_warmup_rollouts: 0)")
         if self.method == "ppo" and self.rl.sampling_rounds > 1:
             raise ValueError("rl.sampling_rounds filters GRPO groups by reward variance; PPO has no groups "
                              "(use method: grpo, or sampling_rounds: 1)")

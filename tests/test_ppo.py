@@ -155,3 +155,41 @@ def test_negative_weight_scales_the_whitened_advantages(tmp_path, tiny_model_dir
     plain, half = advantages(1.0), advantages(0.5)
     assert (plain < 0).any() and (plain > 0).any()
     assert torch.allclose(half, torch.where(plain < 0, 0.5 * plain, plain))
+
+
+def test_value_warmup_trains_the_value_head_only(tmp_path, tiny_model_dir, monkeypatch):
+    """rl.value_warmup_rollouts: during the first N rollouts the value head learns from the returns while
+    every policy weight stays exactly as it was; afterwards the policy trains as usual."""
+    import pytest
+    import torch
+
+    from instructkit.config import load_config
+    from instructkit.methods import ppo
+
+    skills = write_skills(tmp_path / "skills", seed=0, n_train=40, n_val=62, n_heldout_phrasing=31,
+                          n_heldout_family=8, n_corpus=100)
+    raw = {"method": "ppo", "seed": 0, "model": {"name_or_path": str(tiny_model_dir)},
+           "data": {"train": str(skills / "train.jsonl"), "max_length": 256},
+           "train": {"micro_batch_size": 4, "grad_accum": 2, "lr": 1e-2, "progress": False},
+           "rl": {"reward": "test_ppo:length_reward", "prompts_per_rollout": 8, "max_new_tokens": 6,
+                  "value_warmup_rollouts": 2}}
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+
+    def run(name: str, steps: int):
+        cfg = load_config(raw={**raw, "output_dir": str(tmp_path / name), "train": {**raw["train"], "max_steps": steps}})
+        ppo.main(cfg)
+        out = tmp_path / name
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return (load_file(str(out / "final" / "model.safetensors")),
+                load_file(str(out / "final" / "value_head.safetensors")), [m for m in metrics if "loss" in m])
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # test_ppo:length_reward
+    policy, head, steps = run("warm", 2)
+    assert [s["value_warmup"] for s in steps] == [1.0, 1.0]
+    assert all(torch.equal(policy[k], start[k]) for k in start)  # not one policy weight moved
+    assert head["weight"].abs().sum() > 0 and steps[1]["value_loss"] != steps[0]["value_loss"]
+    policy, _, steps = run("after", 3)
+    assert [s["value_warmup"] for s in steps] == [1.0, 1.0, 0.0]
+    assert any(not torch.equal(policy[k], start[k]) for k in start)  # the third rollout trains the policy
+    with pytest.raises(Exception, match="value_warmup_rollouts"):
+        load_config(raw={**raw, "method": "grpo"})

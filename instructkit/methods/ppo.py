@@ -48,9 +48,10 @@ def attach_value_head(model) -> torch.nn.Linear:
     return vh
 
 
-def policy_and_values(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_and_values(model, batch: dict, temperature: float = 1.0,
+                      value_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probs (at the sampling ``temperature``) and values at completion positions, from one
-    decoder pass.
+    decoder pass. ``value_only``: the value head reads detached hidden states, so only it gets gradients.
 
     The value of token t is read where the policy predicts it (the hidden state just before it),
     and logits are computed only at completion positions, as in ``models.target_logits``.
@@ -67,7 +68,7 @@ def policy_and_values(model, batch: dict, temperature: float = 1.0) -> tuple[tor
     logits = ro.tempered(logits, temperature)
     mask = batch["completion_mask"]
     logp = ro.scatter_completion(token_logprobs(logits, batch["labels"][:, 1:][select]), mask)
-    values = ro.scatter_completion(model.value_head(h.float()).squeeze(-1).float(), mask)
+    values = ro.scatter_completion(model.value_head((h.detach() if value_only else h).float()).squeeze(-1).float(), mask)
     return logp, values, logits
 
 
@@ -138,7 +139,8 @@ class Rollouts(ro.CarriedState):
             rows = torch.arange(len(last), device=rewards.device)
             rewards[rows, last] += reward[k * mbs:(k + 1) * mbs].to(rewards.device)
             adv, ret = gae(rewards, old_values, mask, rl.gamma, rl.lam)
-            b.update(old_logp=old_logp.cpu(), old_values=old_values.cpu(), advantages=adv.cpu(), returns=ret.cpu())
+            b.update(old_logp=old_logp.cpu(), old_values=old_values.cpu(), advantages=adv.cpu(), returns=ret.cpu(),
+                     value_only=epoch < rl.value_warmup_rollouts)
             n_tok += int(mask.sum())
         self.model.train(was_training)
 
@@ -171,11 +173,12 @@ def make_loss_fn(cfg: RunConfig):
         return int(batch["completion_mask"].sum())
 
     def loss_fn(model, batch: dict) -> StepOutput:
-        logp, values, logits = policy_and_values(model, batch, rl.temperature)
+        warmup = bool(batch.get("value_only", False))  # rl.value_warmup_rollouts: the critic learns, the policy waits
+        logp, values, logits = policy_and_values(model, batch, rl.temperature, value_only=warmup)
         mask = batch["completion_mask"].float()
         pg, clipped = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], rl.clip_eps, rl.clip_eps_high)
         vl, v_clipped = ppo_value_loss(values, batch["old_values"], batch["returns"], rl.vf_clip)
-        loss_sum = ((pg + rl.vf_coef * vl) * mask).sum()
+        loss_sum = (((0.0 if warmup else pg) + rl.vf_coef * vl) * mask).sum()
         with torch.no_grad():
             ent = 0.0
             for s in range(0, logits.shape[0], 1024):
@@ -185,7 +188,7 @@ def make_loss_fn(cfg: RunConfig):
                        "clip_fraction": float(masked_mean(clipped.float(), mask)),
                        "vf_clip_fraction": float(masked_mean(v_clipped.float(), mask)),
                        "approx_kl": float(masked_mean(kl_estimate(batch["old_logp"], logp.detach(), "k3"), mask)),
-                       "entropy": ent / max(1.0, float(mask.sum()))}
+                       "entropy": ent / max(1.0, float(mask.sum())), "value_warmup": float(warmup)}
             if "ref_logp" in batch:
                 metrics["kl"] = float(masked_mean(kl_estimate(logp.detach(), batch["ref_logp"],
                                                               rl.kl_estimator or "k1"), mask))
@@ -213,7 +216,9 @@ def main(cfg: RunConfig) -> LoopResult:
     print(f"model: {cfg.model.name_or_path} on {device}, {trainable:,} of {total:,} parameters trainable"
           f"{' (LoRA)' if cfg.lora.enabled else ''} (value head included); ppo: {rl.prompts_per_rollout} "
           f"completions per rollout x {rl.rollout_epochs} epochs{ro.steps_note(cfg, rollouts.micro_per_epoch)}, "
-          f"kl_coef {rl.kl_coef}{f' (adaptive, target {rl.kl_target})' if rl.kl_target else ''}", file=sys.stderr)
+          f"kl_coef {rl.kl_coef}{f' (adaptive, target {rl.kl_target})' if rl.kl_target else ''}"
+          f"{f'; the first {rl.value_warmup_rollouts} rollouts train the value head only' if rl.value_warmup_rollouts else ''}",
+          file=sys.stderr)
     dump_config(cfg, out_dir / "config.yaml")
     loss_fn, count_fn = make_loss_fn(cfg)
 
