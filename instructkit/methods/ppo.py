@@ -68,7 +68,8 @@ def policy_and_values(model, batch: dict, temperature: float = 1.0,
     logits = ro.tempered(logits, temperature)
     mask = batch["completion_mask"]
     logp = ro.scatter_completion(token_logprobs(logits, batch["labels"][:, 1:][select]), mask)
-    values = ro.scatter_completion(model.value_head((h.detach() if value_only else h).float()).squeeze(-1).float(), mask)
+    h_value = h.detach() if value_only else h
+    values = ro.scatter_completion(model.value_head(h_value.float()).squeeze(-1).float(), mask)
     return logp, values, logits
 
 
@@ -173,7 +174,7 @@ def make_loss_fn(cfg: RunConfig):
         return int(batch["completion_mask"].sum())
 
     def loss_fn(model, batch: dict) -> StepOutput:
-        warmup = bool(batch.get("value_only", False))  # rl.value_warmup_rollouts: the critic learns, the policy waits
+        warmup = bool(batch.get("value_only", False))  # rl.value_warmup_rollouts: only the critic learns
         logp, values, logits = policy_and_values(model, batch, rl.temperature, value_only=warmup)
         mask = batch["completion_mask"].float()
         pg, clipped = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], rl.clip_eps, rl.clip_eps_high)
