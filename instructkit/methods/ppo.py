@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -51,25 +52,26 @@ def attach_value_head(model) -> torch.nn.Linear:
 def policy_and_values(model, batch: dict, temperature: float = 1.0,
                       value_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probs (at the sampling ``temperature``) and values at completion positions, from one
-    decoder pass. ``value_only``: the value head reads detached hidden states, so only it gets gradients.
+    decoder pass. ``value_only``: the policy pass runs without gradients (no autograd graph is built
+    through the policy), so only the value head learns.
 
     The value of token t is read where the policy predicts it (the hidden state just before it),
     and logits are computed only at completion positions, as in ``models.target_logits``.
     """
     base, decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-    select = batch["labels"][:, 1:] != -100
-    h = hidden[:, :-1][select]
-    logits = head(h)
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = ro.tempered(logits, temperature)
-    mask = batch["completion_mask"]
-    logp = ro.scatter_completion(token_logprobs(logits, batch["labels"][:, 1:][select]), mask)
-    h_value = h.detach() if value_only else h
-    values = ro.scatter_completion(model.value_head(h_value.float()).squeeze(-1).float(), mask)
+    with torch.no_grad() if value_only else nullcontext():
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+        select = batch["labels"][:, 1:] != -100
+        h = hidden[:, :-1][select]
+        logits = head(h)
+        softcap = getattr(base.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = ro.tempered(logits, temperature)
+        mask = batch["completion_mask"]
+        logp = ro.scatter_completion(token_logprobs(logits, batch["labels"][:, 1:][select]), mask)
+    values = ro.scatter_completion(model.value_head(h.float()).squeeze(-1).float(), mask)
     return logp, values, logits
 
 
