@@ -240,7 +240,7 @@ def cmd_synth_skills(args) -> int:
 
 def cmd_demo(args) -> int:
     """The embedded default: skills curriculum, pretrained tiny base, SFT, evaluation, report."""
-    from instructkit.demo import OPTIONAL_STAGES, reproduce_commands, run_demo
+    from instructkit.demo import OPTIONAL_STAGES, reproduce_commands, rl_line, run_demo
     from instructkit.report import write_report
 
     stages = tuple(x.strip() for x in args.with_stages.split(",") if x.strip()) if args.with_stages else ()
@@ -271,10 +271,7 @@ def cmd_demo(args) -> int:
                 print(f"{name:18s}{m['kl_teacher_student']:11.4f}{m['kl_student_teacher']:11.4f}"
                       f"{m['greedy_agreement']:8.1%}{m['validation_nll']:10.4f}")
     for name, m in (summary.get("rl") or {}).items():  # --with grpo,ppo: numbers only, no claim
-        print(f"{name}: rollout reward {m.get('reward_first_third', float('nan')):.3f} -> "
-              f"{m.get('reward_last_third', float('nan')):.3f} (first -> last third), KL to ref "
-              f"{m.get('kl_ref_last_third', float('nan')):.4f}, validation accuracy "
-              f"{m['validation_accuracy_start']:.1%} -> {m['validation_accuracy_end']:.1%}")
+        print(rl_line(name, m))
     print(f"\ntotal {summary['times']['total']:.0f}s. Report: {md} and {html_path}")
     return 0
 

@@ -251,10 +251,14 @@ class RLConfig(_Section):
     missing_stop_penalty: float = Field(0.0, ge=0.0, description="ppo: subtracted from the score of a completion "
                                         "that never stopped (hit max_new_tokens).")
     eval_prompts: int = Field(64, ge=0, description="Validation prompts answered greedily at each evaluation.")
-    train_probe_prompts: int = Field(0, ge=0, description="The first this-many training prompts, answered greedily "
-                                     "before training and at each evaluation: train_reward (and "
-                                     "train_reward_start in summary.json). Unlike the rollout reward it does not "
-                                     "depend on which prompts a rollout draws. 0 = off.")
+    train_probe_prompts: int = Field(0, ge=0, description="This many of the training prompts that the run's "
+                                     "rollouts draw (spread over the run), scored before training and at each "
+                                     "evaluation: train_reward (and train_reward_start in summary.json). Unlike "
+                                     "the rollout reward it does not depend on which prompts a rollout draws. "
+                                     "0 = off.")
+    train_probe_samples: int = Field(4, ge=0, description="Completions per train-probe prompt, sampled like the "
+                                     "rollouts with a fixed seed (the reward RL maximises); 0 = one greedy "
+                                     "completion (accuracy, which also shows memorised answers).")
     alarm_kl: float | None = Field(1.0, gt=0.0, description="Warn when the mean per-token KL to the reference "
                                    "exceeds this; null = off.")
     alarm_truncated: float | None = Field(0.5, gt=0.0, le=1.0, description="Warn when this fraction of "

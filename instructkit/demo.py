@@ -265,34 +265,40 @@ def preference_run(method: str, start: Path, data_dir: Path, out: Path, seed: in
 
 
 RL_STAGES = ("grpo", "ppo")
-RL_STEPS, RL_STEPS_QUICK = 60, 6  # optimizer steps = rollouts of each RL stage (~3 minutes each on 2 cores)
+RL_STEPS, RL_STEPS_QUICK = 60, 6  # optimizer steps = rollouts of each RL stage (~6 minutes each on 2 cores)
+RL_PROBE, RL_PROBE_QUICK = 1000, 64  # training prompts of the train probe (4 samples each), before and after
 
 
-def rl_run(method: str, start: Path, data_dir: Path, out: Path, seed: int, steps: int) -> Path:
+def rl_run(method: str, start: Path, data_dir: Path, out: Path, seed: int, steps: int, probe: int = RL_PROBE,
+           eval_prompts: int = 540) -> Path:
     """GRPO / PPO from the full SFT model on the curriculum's training prompts, the skills verifier as
     reward, through a LoRA adapter (r 16 on every linear layer, lr 1e-3): the settings measured best in
-    bench/RESULTS.md ("Online RL from the current demo's SFT model" and "Online RL: PPO's lost training
-    answers come from its optimizer steps"). One optimizer step per rollout for both: GRPO 16 prompts x 8
-    completions with dynamic sampling, PPO 128 completions in one pass (with several steps per rollout,
-    PPO unlearned memorised training answers). No in-run evaluation: the stage is evaluated afterwards like the
-    others. Returns the adapter folder (its base is ``start``)."""
+    bench/RESULTS.md ("Online RL: PPO's lost training answers come from its optimizer steps" and "Online RL:
+    more seeds, ... rollouts twice as large"). One optimizer step per rollout for both (with several, PPO
+    unlearned memorised training answers), 256 completions per step: GRPO 32 prompts x 8 with dynamic
+    sampling, PPO 256 completions in one pass (half that gave half the gain). The run scores the validation
+    prompts (greedy, up to ``eval_prompts``) and a probe of ``probe`` training prompts its rollouts draw
+    (4 samples each, like the rollouts) before and after training. Returns the adapter folder (its base is
+    ``start``)."""
     from instructkit.config import load_config
     from instructkit.methods import grpo, ppo
 
     train = {"max_steps": steps, "lr": 1e-3, "schedule": "constant", "save_every": steps}
-    rl = {"reward": "skills", "max_new_tokens": 24, "temperature": 1.0}
-    if method == "grpo":  # 16 prompts x 8 completions = 128 per rollout, one step
-        train.update(micro_batch_size=32, grad_accum=4)
-        rl.update(group_size=8, prompts_per_rollout=16, sampling_rounds=4, kl_coef=0.04, kl_estimator="k3",
+    rl = {"reward": "skills", "max_new_tokens": 24, "temperature": 1.0, "eval_prompts": eval_prompts,
+          "train_probe_prompts": probe, "train_probe_samples": 4}
+    if method == "grpo":  # 32 prompts x 8 completions = 256 per rollout, one step
+        train.update(micro_batch_size=32, grad_accum=8)
+        rl.update(group_size=8, prompts_per_rollout=32, sampling_rounds=4, kl_coef=0.04, kl_estimator="k3",
                   loss_aggregation="grpo")
-    else:  # 128 completions per rollout, one pass, one step
-        train.update(micro_batch_size=16, grad_accum=8)
-        rl.update(prompts_per_rollout=128, rollout_epochs=1, kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95,
+    else:  # 256 completions per rollout, one pass, one step
+        train.update(micro_batch_size=16, grad_accum=16)
+        rl.update(prompts_per_rollout=256, rollout_epochs=1, kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95,
                   vf_coef=0.1, missing_stop_penalty=1.0)
     cfg = load_config(raw={"method": method, "seed": seed, "output_dir": str(out / method),
                            "model": {"name_or_path": str(start)},
                            "lora": {"enabled": True, "r": 16, "alpha": 32, "target_modules": "all-linear"},
-                           "data": {"train": str(data_dir / "train.jsonl"), "max_length": 256},
+                           "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "validation.jsonl"),
+                                    "max_length": 256},
                            "train": train, "rl": rl})
     (grpo if method == "grpo" else ppo).main(cfg)
     return out / method / "final"
@@ -301,7 +307,9 @@ def rl_run(method: str, start: Path, data_dir: Path, out: Path, seed: int, steps
 def rl_summary(run_dir: Path, method: str) -> dict:
     """Training-rollout numbers from the run's metrics.jsonl: the verifier score (PPO's ``score_mean``,
     before its missing-stop penalty; GRPO's ``reward_mean``) and the KL to the reference, averaged per
-    rollout, then over the first and the last third of the rollouts."""
+    rollout, then over the first and the last third of the rollouts; and from its summary.json the run's own
+    before/after scores: the train probe (sampled reward on training prompts the run drew) and the greedy
+    validation reward on every validation prompt."""
     from instructkit.report import _metrics_lines
 
     key = "score_mean" if method == "ppo" else "reward_mean"
@@ -324,7 +332,51 @@ def rl_summary(run_dir: Path, method: str) -> dict:
             "reward_first_third": mean(rollouts[:third], key), "reward_last_third": mean(rollouts[-third:], key),
             "reward_per_rollout": [r[key] for r in rollouts],
             "kl_ref_first_third": mean(rollouts[:third], "kl_ref"), "kl_ref_last_third": mean(rollouts[-third:], "kl_ref"),
-            "stop_fraction_last_third": mean(rollouts[-third:], "stop_fraction")}
+            "stop_fraction_last_third": mean(rollouts[-third:], "stop_fraction"), **run_scores(run_dir)}
+
+
+def change(m: dict, name: str, fmt: str = ".3f") -> str:
+    """``"0.311 -> 0.343 (+3.2 +- 0.6 points)"`` for ``{name}_start`` / ``_end`` / ``_change_se`` of an RL
+    stage's summary, or ``"n/a"``."""
+    if f"{name}_start" not in m:
+        return "n/a"
+    a, b = m[f"{name}_start"], m[f"{name}_end"]
+    return (f"{a:{fmt}} -> {b:{fmt}} ({100 * (b - a):+.1f} +- "
+            f"{100 * (m.get(f'{name}_change_se') or 0.0):.1f} points)")
+
+
+def rl_line(name: str, m: dict) -> str:
+    """The closing line of an RL stage in ``instructkit demo``: numbers only, no claim."""
+    if not m.get("rollouts"):
+        return f"{name}: no rollout finished"
+    probe = (f" on {m['train_probe_prompts']} of its training prompts x {m['train_probe_samples']} samples"
+             if "train_probe_start" in m else "")
+    val = f" (all {m['validation_prompts']}, greedy)" if "validation_reward_start" in m else ""
+    return (f"{name}: training-prompt reward {change(m, 'train_probe')}{probe}; validation accuracy "
+            f"{change(m, 'validation_reward', '.1%')}{val}; rollout reward {m['reward_first_third']:.3f} -> "
+            f"{m['reward_last_third']:.3f} (first -> last third), KL to ref {m.get('kl_ref_last_third', float('nan')):.4f}")
+
+
+def run_scores(run_dir: Path) -> dict:
+    """``train_probe_start/_end`` and ``validation_reward_start/_end`` (with their prompt counts) from an RL
+    run's summary.json, where the run recorded them."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return {}
+    info = json.loads(path.read_text())
+    fm, rl = info.get("final_metrics", {}), info.get("rl", {})
+    out = {}
+    for name, key in (("train_probe", "train_reward"), ("validation_reward", "eval_reward")):  # see change()
+        if key + "_start" in info and key in fm:
+            out[f"{name}_start"], out[f"{name}_end"] = info[key + "_start"], fm[key]
+    if "train_probe_start" in out:
+        out["train_probe_prompts"] = info.get("train_probe_size")
+        out["train_probe_samples"] = rl.get("train_probe_samples")
+        out["train_probe_change_se"] = fm.get("train_reward_delta_se")
+    if "validation_reward_start" in out:
+        out["validation_prompts"] = info.get("eval_prompts")
+        out["validation_reward_change_se"] = fm.get("eval_reward_delta_se")
+    return out
 
 
 DISTILL_STAGES = ("distill",)
@@ -647,7 +699,8 @@ def run_demo(out: str | Path = "runs/demo", cache: str | Path = ".cache/instruct
             _stage(7 + i, n_stages, f"{method.upper()} from the full SFT model (LoRA, skills verifier as reward)")
             t = time.perf_counter()
             steps = rl_steps or (RL_STEPS_QUICK if quick else RL_STEPS)
-            final = rl_run(method, full, data_dir, out, seed, steps)
+            final = rl_run(method, full, data_dir, out, seed, steps, RL_PROBE_QUICK if quick else RL_PROBE,
+                           eval_prompts=64 if quick else 540)
             results[method] = evaluate_model(final, data_dir, out / f"eval-{method}", limit, probe, base_dir=full)
             rl_results[method] = rl_summary(out / method, method)
             for name, when in (("sft-full", "start"), (method, "end")):  # validation, greedy, as for the others

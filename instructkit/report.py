@@ -131,24 +131,31 @@ def write_report(out: Path, summary: dict, commands: list[str]) -> tuple[Path, P
     if rl:
         md += ["## Online RL stages (GRPO / PPO, skills verifier as reward)", "",
                "Both train a LoRA adapter on the full SFT model, one optimizer step per rollout, sampling "
-               "completions of the curriculum's training prompts; "
-               "the reward is the skills verifier (1 if the answer is right, 0 otherwise; PPO's score before its "
-               "missing-stop penalty). Rollout reward is the mean over the first and the last third of the "
-               "training rollouts (sampled at temperature 1, so it is not comparable with greedy accuracy); KL is "
-               "the mean per-token KL of the rollout policy to the SFT model. Validation numbers are greedy, "
-               "evaluated like the other stages (full SFT model -> after RL). These are short CPU runs: compare "
-               "the numbers, do not read them as an improvement unless they show one beyond noise "
-               f"(validation has {results[models[0]]['splits']['validation']['n']} prompts here).",
-               "", "| stage | rollouts (steps) | rollout reward, first -> last third | KL to reference, last third "
-               "| validation accuracy | validation exact match |", "|---|---:|---|---:|---|---|"]
+               "completions of the curriculum's training prompts; the reward is the skills verifier (1 if the "
+               "answer is right, 0 otherwise; PPO's score before its missing-stop penalty). Each run scores itself "
+               "before and after training: the training-prompt reward is the mean reward of sampled completions "
+               "(as in the rollouts, one fixed seed) on a probe of training prompts its rollouts drew, and "
+               "validation accuracy is greedy on every validation prompt. Changes are in points with the standard "
+               "error of the per-prompt difference; read a change as real only when it is several times that. "
+               "Rollout reward (first -> last third of the rollouts) depends on which prompts each rollout happened "
+               "to draw; KL is the mean per-token KL of the rollout policy to the SFT model. The last column is "
+               f"the demo's own evaluation ({results[models[0]]['splits']['validation']['n']} validation prompts, "
+               "as in the tables above).",
+               "", "| stage | rollouts (steps) | training-prompt reward (probe) | validation accuracy (all prompts) "
+               "| rollout reward, first -> last third | KL to reference, last third | validation accuracy (demo "
+               "eval) |", "|---|---:|---|---|---|---:|---|"]
+        from instructkit.demo import change
+
         for name, m in rl.items():
             if not m.get("rollouts"):
-                md.append(f"| {name} | 0 | n/a | n/a | n/a | n/a |")
+                md.append(f"| {name} | 0 | n/a | n/a | n/a | n/a | n/a |")
                 continue
-            md.append(f"| {name} | {m['rollouts']} ({m['steps']}) | {m['reward_first_third']:.3f} -> "
+            probe = f" ({m['train_probe_prompts']} x {m['train_probe_samples']})" if "train_probe_start" in m else ""
+            val = f" ({m['validation_prompts']})" if "validation_reward_start" in m else ""
+            md.append(f"| {name} | {m['rollouts']} ({m['steps']}) | {change(m, 'train_probe')}{probe} | "
+                      f"{change(m, 'validation_reward', '.1%')}{val} | {m['reward_first_third']:.3f} -> "
                       f"{m['reward_last_third']:.3f} | {m.get('kl_ref_last_third', float('nan')):.4f} | "
-                      f"{m['validation_accuracy_start']:.1%} -> {m['validation_accuracy_end']:.1%} | "
-                      f"{m['validation_exact_match_start']:.1%} -> {m['validation_exact_match_end']:.1%} |")
+                      f"{m['validation_accuracy_start']:.1%} -> {m['validation_accuracy_end']:.1%} |")
         md.append("")
     students = {k: v for k, v in (summary.get("distill") or {}).items() if "kl_teacher_student" in v}
     if students:

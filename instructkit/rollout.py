@@ -70,6 +70,10 @@ class Prompts:
     def head(self, n: int) -> "Prompts":
         return Prompts(self.records[:n], self.messages[:n], self.ids[:n], self.skipped)
 
+    def pick(self, indices: list[int]) -> "Prompts":
+        return Prompts([self.records[i] for i in indices], [self.messages[i] for i in indices],
+                       [self.ids[i] for i in indices], self.skipped)
+
 
 def load_prompts(files: list[str], tokenizer, template: str, limit: int, on_error: str,
                  check: Callable[[dict, str, int], None] | None = None) -> Prompts:
@@ -113,9 +117,11 @@ def load_prompts(files: list[str], tokenizer, template: str, limit: int, on_erro
     return out
 
 
-def prompt_indices(n: int, per_rollout: int, rollout: int, seed: int) -> list[int]:
-    """Prompts of rollout number ``rollout``: consecutive slices of a fresh shuffle per pass over the data."""
-    out, perms = [], {}
+def prompt_indices(n: int, per_rollout: int, rollout: int, seed: int,
+                   perms: dict[int, list[int]] | None = None) -> list[int]:
+    """Prompts of rollout number ``rollout``: consecutive slices of a fresh shuffle per pass over the data.
+    ``perms`` caches the shuffles across calls (pass the same dict to walk many rollouts cheaply)."""
+    out, perms = [], {} if perms is None else perms
     for pos in range(rollout * per_rollout, (rollout + 1) * per_rollout):
         k = pos // n
         if k not in perms:
@@ -123,6 +129,26 @@ def prompt_indices(n: int, per_rollout: int, rollout: int, seed: int) -> list[in
             random.Random(f"rollout/{seed}/{k}").shuffle(perms[k])
         out.append(perms[k][pos % n])
     return out
+
+
+def probe_indices(n: int, cfg: RunConfig, n_rollouts: int, size: int) -> list[int]:
+    """``size`` training prompts the run will surely train on: those of each rollout's first sampling round
+    (slot ``rollout * rl.sampling_rounds``), in order of first draw, taken evenly from the first drawn to the
+    last, so the probe holds prompts trained on early and late."""
+    rl, perms = cfg.rl, {}
+    drawn, seen = [], set()
+    for e in range(n_rollouts):
+        for i in prompt_indices(n, rl.prompts_per_rollout, e * rl.sampling_rounds, cfg.seed, perms):
+            if i not in seen:
+                seen.add(i)
+                drawn.append(i)
+        if len(seen) == n:
+            break
+    if len(drawn) <= size:
+        return drawn
+    if size == 1:
+        return drawn[:1]
+    return [drawn[k * (len(drawn) - 1) // (size - 1)] for k in range(size)]  # the first and the last drawn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,47 +402,91 @@ class LengthTrend:
 
 
 @torch.no_grad()
-def greedy_eval(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, max_new_tokens: int,
-                batch_size: int = 16) -> dict[str, float]:
-    """Mean reward of greedy completions (for the skills verifier: exact match) and their mean length."""
-    gens = generate(model, tokenizer, prompts.ids, SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size)
-    r = reward_fn(prompts.records, prompts.messages, [g.text for g in gens])
-    return {"eval_reward": sum(r) / len(r), "eval_completion_len": sum(len(g.token_ids) for g in gens) / len(gens)}
+def score_prompts(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, cfg: RunConfig, samples: int = 0,
+                  batch_size: int = 16) -> tuple[list[float], float]:
+    """``(reward per prompt, mean completion length)``. ``samples`` 0: one greedy completion per prompt (for
+    the skills verifier, exact match). Otherwise the mean over ``samples`` completions drawn like the rollouts'
+    (``rl.temperature``, top-k, top-p) with one fixed seed, so two calls on different policies share their
+    random numbers and their difference is less noisy."""
+    rl, k = cfg.rl, max(1, samples)
+    ids = [x for x in prompts.ids for _ in range(k)]
+    rep = [i for i in range(len(prompts)) for _ in range(k)]
+    sampling = (SamplingConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
+                               top_p=rl.top_p, seed=cfg.seed * 1_000_003 + 999_983) if samples
+                else SamplingConfig(max_new_tokens=rl.max_new_tokens))
+    gens = generate(model, tokenizer, ids, sampling, batch_size=batch_size)
+    r = reward_fn([prompts.records[i] for i in rep], [prompts.messages[i] for i in rep], [g.text for g in gens])
+    per_prompt = [sum(r[i * k:(i + 1) * k]) / k for i in range(len(prompts))]
+    return per_prompt, sum(len(g.token_ids) for g in gens) / len(gens)
+
+
+def paired_se(start: list[float], end: list[float]) -> float:
+    """Standard error of the mean per-prompt difference ``end - start`` (0 for fewer than two prompts)."""
+    n = len(start)
+    if n < 2:
+        return 0.0
+    d = [b - a for a, b in zip(start, end)]
+    mean = sum(d) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
 
 
 def rl_evaluation(model, tokenizer, prompts: Prompts, evals: Prompts, reward_fn: RewardFn,
-                  cfg: RunConfig) -> tuple[Callable | None, dict]:
-    """``(eval_fn, start)`` for an RL run, both greedy.
+                  cfg: RunConfig, micro_per_rollout: int) -> tuple[Callable | None, dict]:
+    """``(eval_fn, start)`` for an RL run.
 
-    ``eval_fn`` (None when there is nothing to evaluate) reports ``eval_reward`` on the eval prompts and
-    ``train_reward`` on a fixed probe of the first ``rl.train_probe_prompts`` training prompts. ``start`` is
-    ``{"train_reward_start": ...}``, the probe scored now with the initial policy (printed), or {} without
-    a probe.
+    ``eval_fn`` (None when there is nothing to evaluate) reports ``eval_reward`` (greedy) on the eval prompts
+    and ``train_reward`` on the train probe: ``rl.train_probe_prompts`` training prompts that the run's
+    rollouts draw (:func:`probe_indices`), scored with ``rl.train_probe_samples`` sampled completions each
+    (0 = greedy). Unlike the rollout reward it does not depend on which prompts a rollout happens to draw.
+    Each comes with ``*_delta_se``, the standard error of its change since the start (paired by prompt).
+    ``start`` holds ``eval_reward_start`` and ``train_reward_start``, the same scores for the initial policy
+    taken now and printed (each only when its prompts exist), and ``train_probe_size``.
     """
     rl, batch_size = cfg.rl, max(16, cfg.train.micro_batch_size)
-    probe = prompts.head(rl.train_probe_prompts)
-
-    def score(m, ps: Prompts) -> dict[str, float]:
-        return greedy_eval(m, tokenizer, ps, reward_fn, rl.max_new_tokens, batch_size)
+    probe = Prompts([], [], [])
+    if rl.train_probe_prompts:
+        per_rollout, total = plan_steps(cfg.train, micro_per_rollout, world_size())
+        probe = prompts.pick(probe_indices(len(prompts), cfg, math.ceil(total / per_rollout), rl.train_probe_prompts))
+    sets = {"eval": (evals, 0), "train": (probe, rl.train_probe_samples)}
+    sets = {name: v for name, v in sets.items() if len(v[0])}
+    if not sets:
+        return None, {}
+    first = {name: score_prompts(model, tokenizer, ps, reward_fn, cfg, k, batch_size)[0]
+             for name, (ps, k) in sets.items()}
 
     def evaluate(m) -> dict[str, float]:
-        out = score(m, evals) if len(evals) else {}
-        if len(probe):
-            t = score(m, probe)
-            out.update(train_reward=t["eval_reward"], train_completion_len=t["eval_completion_len"])
+        out = {}
+        for name, (ps, k) in sets.items():
+            per_prompt, length = score_prompts(m, tokenizer, ps, reward_fn, cfg, k, batch_size)
+            out.update({f"{name}_reward": sum(per_prompt) / len(per_prompt), f"{name}_completion_len": length,
+                        f"{name}_reward_delta_se": paired_se(first[name], per_prompt)})
         return out
 
-    if not len(probe):
-        return (evaluate if len(evals) else None), {}
-    r = score(model, probe)["eval_reward"]
-    if is_main_process():
-        print(f"train probe: greedy reward {r:.3f} on {len(probe)} training prompts before training", file=sys.stderr)
-    return evaluate, {"train_reward_start": r}
+    start = {f"{name}_reward_start": sum(r) / len(r) for name, r in first.items()}
+    if len(probe):
+        start["train_probe_size"] = len(probe)
+    if is_main_process() and "eval" in sets:
+        print(f"before training: eval reward {start['eval_reward_start']:.3f} on {len(evals)} eval prompts (greedy)",
+              file=sys.stderr)
+    if is_main_process() and "train" in sets:
+        how = (f"{rl.train_probe_samples} samples each at temperature {rl.temperature}" if rl.train_probe_samples
+               else "greedy")
+        print(f"before training: train-probe reward {start['train_reward_start']:.3f} on {len(probe)} of the run's "
+              f"training prompts ({how})", file=sys.stderr)
+    return evaluate, start
 
 
 def eval_summary(final_metrics: dict, start: dict) -> str:
-    """The evaluation part of an RL run's closing line: eval reward, and the train probe's start -> end."""
-    fm = final_metrics
-    return ((f", eval reward {fm['eval_reward']:.3f}" if "eval_reward" in fm else "")
-            + (f", train-probe reward {start['train_reward_start']:.3f} -> {fm['train_reward']:.3f}"
-               if "train_reward" in fm and start else ""))
+    """The evaluation part of an RL run's closing line: eval and train-probe reward, start -> end (change
+    +- its paired standard error)."""
+    fm, out = final_metrics, ""
+    for key, name in (("eval_reward", "eval reward"), ("train_reward", "train-probe reward")):
+        if key not in fm:
+            continue
+        out += f", {name} "
+        if key + "_start" in start:
+            change, se = 100 * (fm[key] - start[key + "_start"]), 100 * fm.get(key + "_delta_se", 0.0)
+            out += f"{start[key + '_start']:.3f} -> {fm[key]:.3f} ({change:+.1f} +- {se:.1f} points)"
+        else:
+            out += f"{fm[key]:.3f}"
+    return out

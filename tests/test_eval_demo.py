@@ -222,7 +222,7 @@ def test_demo_rl_stages_at_miniature_scale(tmp_path):
     """`instructkit demo --with grpo,ppo` in miniature: both RL stages train a LoRA adapter on the full SFT
     model with one optimizer step per rollout, are evaluated like the other stages (adapter on its base),
     and the summary and report carry their rollout reward and KL."""
-    from instructkit.demo import run_demo
+    from instructkit.demo import rl_line, run_demo
     from instructkit.report import write_report
 
     summary = run_demo(out=tmp_path / "demo", cache=tmp_path / "cache", quick=True, preset="nano", limit=4,
@@ -241,6 +241,20 @@ def test_demo_rl_stages_at_miniature_scale(tmp_path):
         val = summary["results"][method]["splits"]["validation"]
         assert m["validation_accuracy_end"] == val["accuracy"] and m["validation_exact_match_end"] == val["exact_match"]
         assert m["validation_accuracy_start"] == summary["results"]["sft-full"]["splits"]["validation"]["accuracy"]
+        # The run's own before/after scores: a sampled probe of the training prompts it drew, greedy validation.
+        assert cfg["rl"]["train_probe_prompts"] == 64 and cfg["rl"]["train_probe_samples"] == 4
+        # GRPO's two rollouts draw 64 prompts in their first rounds, two of them twice (150 prompts, 4 slots a
+        # rollout); PPO's 256 per rollout draw all 150: the probe takes 64 of those, or all when fewer.
+        assert m["train_probe_prompts"] == (62 if method == "grpo" else 64) and m["train_probe_samples"] == 4
+        assert m["validation_prompts"] == min(64, len((tmp_path / "demo" / "data" / "validation.jsonl")
+                                                      .read_text().splitlines()))
+        for key in ("train_probe_start", "train_probe_end", "validation_reward_start", "validation_reward_end"):
+            assert 0.0 <= m[key] <= 1.0, key
+        assert m["train_probe_change_se"] >= 0 and m["validation_reward_change_se"] >= 0
+        line = rl_line(method, m)
+        assert line.startswith(f"{method}: training-prompt reward {m['train_probe_start']:.3f} -> ")
+        assert f"on {m['train_probe_prompts']} of its training prompts x 4 samples" in line and "validation accuracy" in line
+        assert f"+- {100 * m['validation_reward_change_se']:.1f} points) (all " in line
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved["rl"]["ppo"]["reward_key"] == "score_mean" and saved["rl"]["grpo"]["reward_key"] == "reward_mean"
     md, _ = write_report(tmp_path / "demo", summary, ["instructkit demo --with grpo,ppo"])

@@ -56,8 +56,13 @@ def test_grpo_cli_runs_logs_telemetry_and_saves(tmp_path, tiny_model_dir, skills
     assert steps[0]["clip_fraction"] == 0 and abs(steps[0]["kl_ref"]) < 1e-6
     assert "eval_reward" in lines[-1]
     # The fixed probe of training prompts: scored before training (summary) and at the final evaluation.
-    assert "train probe: greedy reward" in err and "on 3 training prompts before training" in err
-    assert ", train-probe reward " in err
+    assert "before training: eval reward " in err and "on 4 eval prompts (greedy)" in err
+    assert "before training: train-probe reward " in err and ("on 3 of the run's training prompts (4 samples each "
+                                                               "at temperature 1.0)") in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 <= summary["eval_reward_start"] <= 1 and 0 <= summary["train_reward_start"] <= 1
+    assert f", eval reward {summary['eval_reward_start']:.3f} -> {lines[-1]['eval_reward']:.3f}" in err
+    assert f", train-probe reward {summary['train_reward_start']:.3f} -> {lines[-1]['train_reward']:.3f}" in err
     assert 0 <= lines[-1]["train_reward"] <= 1 and "train_completion_len" in lines[-1]
     assert (run / "final" / "model.safetensors").exists() and (run / "checkpoints").exists()
     summary = json.loads((run / "summary.json").read_text())
@@ -150,6 +155,53 @@ def test_dynamic_sampling_keeps_groups_with_reward_variance(monkeypatch, tmp_pat
     for g, w in zip(groups, weighted):
         assert torch.allclose(w[2], torch.where(g[2] < 0, 0.25 * g[2], g[2]))
     assert any(float(g[2].min()) < 0 for g in groups)  # the check above is not vacuous
+
+
+def test_train_probe_holds_prompts_the_run_trains_on(tmp_path, tiny_model_dir, skills):
+    """The probe is drawn from the first sampling round of the run's own rollouts (so every probe prompt is
+    trained on), spread from the first rollout to the last; the sampled probe repeats exactly on the same
+    policy (one fixed seed) and averages rl.train_probe_samples completions per prompt."""
+    from instructkit import rollout as ro
+    from instructkit.config import load_config
+
+    cfg = load_config(_config(tmp_path, tiny_model_dir, skills),
+                      ["rl.prompts_per_rollout=4", "rl.sampling_rounds=3", "train.max_steps=10"])
+    rounds_0 = [ro.prompt_indices(240, 4, e * 3, 0) for e in range(10)]
+    probe = ro.probe_indices(240, cfg, n_rollouts=10, size=8)
+    assert len(probe) == len(set(probe)) == 8
+    assert set(probe) <= {i for r in rounds_0 for i in r}
+    assert probe[0] in rounds_0[0] and probe[-1] in rounds_0[9] and not set(probe) <= set(rounds_0[0] + rounds_0[1])
+    # Later rounds of a rollout run only when earlier ones lack reward variance, so they are not in the probe.
+    assert not set(probe) & ({i for e in range(10) for i in ro.prompt_indices(240, 4, e * 3 + 1, 0)}
+                             - {i for r in rounds_0 for i in r})
+    # A probe as large as everything drawn is everything drawn, once each; a run longer than the data stops early.
+    assert sorted(ro.probe_indices(240, cfg, 10, 1000)) == sorted({i for r in rounds_0 for i in r})
+    assert sorted(ro.probe_indices(240, cfg, 500, 1000)) == list(range(240))
+
+    P = ro.Prompts(records=[{"n": i} for i in range(3)], messages=[[] for _ in range(3)], ids=[[i] for i in range(3)])
+    calls = []
+
+    def fake_generate(model, tokenizer, ids, sampling, batch_size):
+        calls.append((ids, sampling))
+        from instructkit.generate import Generation
+        return [Generation([7], f"{k % 2}", [0.0], "stop") for k in range(len(ids))]
+
+    import instructkit.rollout as rmod
+    orig = rmod.generate
+    rmod.generate = fake_generate
+    try:
+        reward = lambda recs, msgs, texts: [float(t) for t in texts]  # noqa: E731
+        out = ro.score_prompts(None, None, P, reward, cfg, samples=4)
+        again = ro.score_prompts(None, None, P, reward, cfg, samples=4)
+        greedy = ro.score_prompts(None, None, P, reward, cfg, samples=0)
+    finally:
+        rmod.generate = orig
+    assert calls[0][0] == [[0]] * 4 + [[1]] * 4 + [[2]] * 4 and out == again and out[0] == [0.5, 0.5, 0.5]
+    assert calls[0][1].seed == calls[1][1].seed and calls[0][1].temperature == cfg.rl.temperature
+    assert calls[2][0] == [[0], [1], [2]] and calls[2][1].temperature == 0 and greedy[0] == [0.0, 1.0, 0.0]
+    # The paired standard error of a change: per-prompt differences 0.1, 0.2, 0.3 -> sd 0.1, se 0.1 / sqrt(3).
+    assert abs(ro.paired_se([0.0, 0.0, 0.0], [0.1, 0.2, 0.3]) - 0.1 / 3 ** 0.5) < 1e-12
+    assert ro.paired_se([0.5], [1.0]) == 0.0
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])

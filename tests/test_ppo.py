@@ -23,7 +23,8 @@ def test_ppo_cli_runs_logs_telemetry_and_saves_value_head(tmp_path, tiny_model_d
            "data": {"train": str(skills / "train.jsonl"), "max_length": 256},
            "train": {"max_steps": 2, "micro_batch_size": 4, "grad_accum": 2, "lr": 1e-3, "progress": False},
            "rl": {"reward": "test_ppo:length_reward", "prompts_per_rollout": 8, "max_new_tokens": 8,
-                  "rollout_epochs": 2, "kl_target": 0.1, "missing_stop_penalty": 1.0, "train_probe_prompts": 2}}
+                  "rollout_epochs": 2, "kl_target": 0.1, "missing_stop_penalty": 1.0, "train_probe_prompts": 2,
+                  "train_probe_samples": 0}}
     path = tmp_path / "ppo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env_path = str(__import__("pathlib").Path(__file__).parent)
@@ -37,7 +38,8 @@ def test_ppo_cli_runs_logs_telemetry_and_saves_value_head(tmp_path, tiny_model_d
     steps = [x for x in lines if "loss" in x]
     assert [s["step"] for s in steps] == [1, 2]
     # No eval data, but a probe of training prompts: the run still evaluates it at the end.
-    assert "train probe: greedy reward" in proc.stderr and "train_reward" in lines[-1]
+    assert "before training: train-probe reward " in proc.stderr and "training prompts (greedy)" in proc.stderr
+    assert "train_reward" in lines[-1]
     assert "train_reward_start" in json.loads((run / "summary.json").read_text())
     for s in steps:
         for key in ("score_mean", "reward_mean", "pg_loss", "value_loss", "clip_fraction", "vf_clip_fraction",

@@ -225,7 +225,7 @@ def main(cfg: RunConfig) -> LoopResult:
     dump_config(cfg, out_dir / "config.yaml")
     loss_fn, count_fn = make_loss_fn(cfg)
 
-    evaluate, start = ro.rl_evaluation(model, tokenizer, prompts, evals, reward_fn, cfg)
+    evaluate, start = ro.rl_evaluation(model, tokenizer, prompts, evals, reward_fn, cfg, rollouts.micro_per_epoch)
 
     # --- train: the shared loop; each "epoch" is one rollout
     t0 = time.perf_counter()
@@ -240,7 +240,8 @@ def main(cfg: RunConfig) -> LoopResult:
     value_head = model.value_head
     del model.value_head
     info = {"method": "ppo", "base_model": cfg.model.name_or_path, "lora": cfg.lora.enabled,
-            "rl": rl.model_dump(mode="json"), "steps": result.global_step, "train_prompts": len(prompts),
+            "rl": rl.model_dump(mode="json"), "steps": result.global_step,
+            "train_prompts": len(prompts), "eval_prompts": len(evals),
             "skipped": prompts.skipped + evals.skipped, "seconds": round(elapsed, 2), **start,
             "final_metrics": result.final_metrics}
     final = save_final(model, tokenizer, out_dir / "final", cfg.lora, extra_info=info)
