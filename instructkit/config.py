@@ -250,7 +250,8 @@ class RLConfig(_Section):
                                        "returns. They count in train.max_steps / epochs like any rollout.")
     missing_stop_penalty: float = Field(0.0, ge=0.0, description="ppo: subtracted from the score of a completion "
                                         "that never stopped (hit max_new_tokens).")
-    eval_prompts: int = Field(64, ge=0, description="Validation prompts answered greedily at each evaluation.")
+    eval_prompts: int = Field(64, ge=0, description="Validation prompts answered greedily before training and at "
+                              "each evaluation.")
     train_probe_prompts: int = Field(0, ge=0, description="This many of the training prompts that the run's "
                                      "rollouts draw (spread over the run), scored before training and at each "
                                      "evaluation: train_reward (and train_reward_start in summary.json). Unlike "

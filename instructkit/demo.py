@@ -336,13 +336,13 @@ def rl_summary(run_dir: Path, method: str) -> dict:
 
 
 def change(m: dict, name: str, fmt: str = ".3f") -> str:
-    """``"0.311 -> 0.343 (+3.2 +- 0.6 points)"`` for ``{name}_start`` / ``_end`` / ``_change_se`` of an RL
+    """:func:`instructkit.rollout.format_change` of ``{name}_start`` / ``_end`` / ``_change_se`` of an RL
     stage's summary, or ``"n/a"``."""
+    from instructkit.rollout import format_change
+
     if f"{name}_start" not in m:
         return "n/a"
-    a, b = m[f"{name}_start"], m[f"{name}_end"]
-    return (f"{a:{fmt}} -> {b:{fmt}} ({100 * (b - a):+.1f} +- "
-            f"{100 * (m.get(f'{name}_change_se') or 0.0):.1f} points)")
+    return format_change(m[f"{name}_start"], m[f"{name}_end"], m.get(f"{name}_change_se"), fmt)
 
 
 def rl_line(name: str, m: dict) -> str:

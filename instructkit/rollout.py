@@ -146,9 +146,7 @@ def probe_indices(n: int, cfg: RunConfig, n_rollouts: int, size: int) -> list[in
             break
     if len(drawn) <= size:
         return drawn
-    if size == 1:
-        return drawn[:1]
-    return [drawn[k * (len(drawn) - 1) // (size - 1)] for k in range(size)]  # the first and the last drawn
+    return [drawn[k * (len(drawn) - 1) // max(1, size - 1)] for k in range(size)]  # the first and the last drawn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,17 +474,18 @@ def rl_evaluation(model, tokenizer, prompts: Prompts, evals: Prompts, reward_fn:
     return evaluate, start
 
 
+def format_change(start: float, end: float, se: float | None, fmt: str = ".3f") -> str:
+    """``"0.189 -> 0.246 (+5.7 +- 0.8 points)"``: a score before -> after training, its change in points and the
+    change's standard error."""
+    return f"{start:{fmt}} -> {end:{fmt}} ({100 * (end - start):+.1f} +- {100 * (se or 0.0):.1f} points)"
+
+
 def eval_summary(final_metrics: dict, start: dict) -> str:
     """The evaluation part of an RL run's closing line: eval and train-probe reward, start -> end (change
     +- its paired standard error)."""
     fm, out = final_metrics, ""
     for key, name in (("eval_reward", "eval reward"), ("train_reward", "train-probe reward")):
-        if key not in fm:
-            continue
-        out += f", {name} "
-        if key + "_start" in start:
-            change, se = 100 * (fm[key] - start[key + "_start"]), 100 * fm.get(key + "_delta_se", 0.0)
-            out += f"{start[key + '_start']:.3f} -> {fm[key]:.3f} ({change:+.1f} +- {se:.1f} points)"
-        else:
-            out += f"{fm[key]:.3f}"
+        if key in fm:
+            out += f", {name} " + (format_change(start[key + "_start"], fm[key], fm.get(key + "_delta_se"))
+                                   if key + "_start" in start else f"{fm[key]:.3f}")
     return out

@@ -157,7 +157,7 @@ def test_dynamic_sampling_keeps_groups_with_reward_variance(monkeypatch, tmp_pat
     assert any(float(g[2].min()) < 0 for g in groups)  # the check above is not vacuous
 
 
-def test_train_probe_holds_prompts_the_run_trains_on(tmp_path, tiny_model_dir, skills):
+def test_train_probe_holds_prompts_the_run_trains_on(monkeypatch, tmp_path, tiny_model_dir, skills):
     """The probe is drawn from the first sampling round of the run's own rollouts (so every probe prompt is
     trained on), spread from the first rollout to the last; the sampled probe repeats exactly on the same
     policy (one fixed seed) and averages rl.train_probe_samples completions per prompt."""
@@ -186,16 +186,11 @@ def test_train_probe_holds_prompts_the_run_trains_on(tmp_path, tiny_model_dir, s
         from instructkit.generate import Generation
         return [Generation([7], f"{k % 2}", [0.0], "stop") for k in range(len(ids))]
 
-    import instructkit.rollout as rmod
-    orig = rmod.generate
-    rmod.generate = fake_generate
-    try:
-        reward = lambda recs, msgs, texts: [float(t) for t in texts]  # noqa: E731
-        out = ro.score_prompts(None, None, P, reward, cfg, samples=4)
-        again = ro.score_prompts(None, None, P, reward, cfg, samples=4)
-        greedy = ro.score_prompts(None, None, P, reward, cfg, samples=0)
-    finally:
-        rmod.generate = orig
+    monkeypatch.setattr(ro, "generate", fake_generate)
+    reward = lambda recs, msgs, texts: [float(t) for t in texts]  # noqa: E731
+    out = ro.score_prompts(None, None, P, reward, cfg, samples=4)
+    again = ro.score_prompts(None, None, P, reward, cfg, samples=4)
+    greedy = ro.score_prompts(None, None, P, reward, cfg, samples=0)
     assert calls[0][0] == [[0]] * 4 + [[1]] * 4 + [[2]] * 4 and out == again and out[0] == [0.5, 0.5, 0.5]
     assert calls[0][1].seed == calls[1][1].seed and calls[0][1].temperature == cfg.rl.temperature
     assert calls[2][0] == [[0], [1], [2]] and calls[2][1].temperature == 0 and greedy[0] == [0.0, 1.0, 0.0]

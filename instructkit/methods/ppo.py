@@ -50,10 +50,10 @@ def attach_value_head(model) -> torch.nn.Linear:
 
 
 def policy_and_values(model, batch: dict, temperature: float = 1.0,
-                      value_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) log-probs (at the sampling ``temperature``) and values at completion positions, from one
-    decoder pass. ``value_only``: the policy pass runs without gradients (no autograd graph is built
-    through the policy), so only the value head learns.
+                      value_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) log-probs (at the sampling ``temperature``) and values at completion positions, and the
+    logits at those positions, from one decoder pass. ``value_only``: the policy pass runs without
+    gradients (no autograd graph is built through the policy), so only the value head learns.
 
     The value of token t is read where the policy predicts it (the hidden state just before it),
     and logits are computed only at completion positions, as in ``models.target_logits``.
